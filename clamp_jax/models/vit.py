@@ -1,0 +1,199 @@
+"""Flax ViT / DeiT with the parameter names of vision_transformer and big_vision.
+
+Every matmul weight passes through `quant_site(module, "kernel", w)` and every
+activation that feeds a matmul (or is listed as a quantization site in
+ALGORITHM.md) through `quant_site(module, NAME, x)`. These calls are the single
+place where quantization plugs in, so the quantized model is this model, not a copy.
+"""
+
+from typing import Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def quant_site(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
+  """Quantization hook for the value `x` at site `name` of `module`.
+
+  The float model returns `x` unchanged; the quantizers of `clamp_jax.quant`
+  replace this identity with fake quantization driven by `QuantParams`.
+  """
+  del module, name
+  return x
+
+
+class Projection(nn.Module):
+  """A dense layer over the last `in_axes` axes (flax `DenseGeneral` layout).
+
+  kernel: `in_shape + features`, bias: `features`. The kernel is a quantization site.
+  """
+  features: Union[int, Sequence[int]]
+  in_axes: int = 1
+  kernel_init: nn.initializers.Initializer = None
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    in_shape = x.shape[x.ndim - self.in_axes:]
+    kernel_shape = tuple(in_shape) + features
+    init = self.kernel_init or nn.initializers.variance_scaling(
+        1.0, "fan_avg", "uniform",
+        in_axis=tuple(range(self.in_axes)),
+        out_axis=tuple(range(self.in_axes, len(kernel_shape))))
+    kernel = self.param("kernel", init, kernel_shape, jnp.float32)
+    bias = self.param("bias", self.bias_init, features, jnp.float32)
+    kernel = quant_site(self, "kernel", kernel)
+    contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    return y + bias
+
+
+class PatchEmbedding(nn.Module):
+  """Non-overlapping patch embedding; kernel `(p, p, C, D)` like the conv of vision_transformer."""
+  hidden_size: int
+  patch_size: int
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    p = self.patch_size
+    b, h, w, c = images.shape
+    gh, gw = h // p, w // p
+    if gh == 0 or gw == 0:
+      raise ValueError(f"image {h}x{w} is smaller than the patch size {p}")
+    kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+                        (p, p, c, self.hidden_size), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.hidden_size,), jnp.float32)
+    kernel = quant_site(self, "kernel", kernel)
+    x = images[:, :gh * p, :gw * p, :].reshape(b, gh, p, gw, p, c)
+    x = x.transpose(0, 1, 3, 2, 4, 5)  # b, gh, gw, p, p, c: the kernel's (kh, kw, cin) order
+    y = jnp.einsum("bijklc,klcd->bijd", x, kernel)
+    return y + bias
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with `query`, `key`, `value`, `out` projections as in flax/vision_transformer."""
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f"hidden size {d} is not divisible by num_heads={self.num_heads}")
+    head_dim = d // self.num_heads
+    proj = lambda name: Projection((self.num_heads, head_dim), name=name)(x)
+    q = quant_site(self, "query", proj("query"))
+    k = quant_site(self, "key", proj("key"))
+    v = quant_site(self, "value", proj("value"))
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / np.sqrt(head_dim).astype(np.float32)
+    logits = quant_site(self, "attn_logits", logits)
+    probs = quant_site(self, "attn_probs", jax.nn.softmax(logits, axis=-1))
+    attended = quant_site(self, "attn_v", jnp.einsum("...hqk,...khd->...qhd", probs, v))
+    return quant_site(self, "out", Projection(d, in_axes=2, name="out")(attended))
+
+
+class MlpBlock(nn.Module):
+  """fc1 -> GELU -> fc2, named `Dense_0` and `Dense_1`."""
+  mlp_dim: int
+  gelu_approximate: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = Projection(self.mlp_dim, name="Dense_0")(x)
+    h = quant_site(self, "gelu", nn.gelu(h, approximate=self.gelu_approximate))
+    return quant_site(self, "fc2", Projection(x.shape[-1], name="Dense_1")(h))
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block. Returns `(block_output, attention_output_before_residual)`."""
+  mlp_dim: int
+  num_heads: int
+  layernorm_epsilon: float = 1e-6
+  gelu_approximate: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array):
+    y = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="LayerNorm_0")(x)
+    y = quant_site(self, "ln1", y)
+    attn = MultiHeadDotProductAttention(self.num_heads, name="MultiHeadDotProductAttention_0")(y)
+    x = quant_site(self, "residual1", x + attn)
+    y = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="LayerNorm_1")(x)
+    y = quant_site(self, "ln2", y)
+    y = MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
+    return quant_site(self, "residual2", x + y), attn
+
+
+class Encoder(nn.Module):
+  """Position embedding, `num_layers` blocks and the final LayerNorm (`Transformer/...`)."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  layernorm_epsilon: float = 1e-6
+  gelu_approximate: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, return_intermediates: bool = False):
+    pos = PositionEmbedding(name="posembed_input")(x)
+    x = quant_site(self, "posembed", x + pos)
+    attn_outputs, block_outputs = [], []
+    for i in range(self.num_layers):
+      x, attn = Encoder1DBlock(self.mlp_dim, self.num_heads, self.layernorm_epsilon,
+                               self.gelu_approximate, name=f"encoderblock_{i}")(x)
+      attn_outputs.append(attn)
+      block_outputs.append(x)
+    x = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="encoder_norm")(x)
+    x = quant_site(self, "encoder_norm", x)
+    if not return_intermediates:
+      return x, None
+    return x, {"attn": jnp.stack(attn_outputs), "block": jnp.stack(block_outputs)}
+
+
+class PositionEmbedding(nn.Module):
+  """Learned position embedding `pos_embedding` of shape `(1, tokens, hidden)`."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+                      (1,) + x.shape[1:], jnp.float32)
+
+
+class VisionTransformer(nn.Module):
+  """ViT / DeiT classifier. `pool`: "tok" (class token) or "gap" (mean of the patch tokens)."""
+  num_classes: int
+  patch_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  pool: str = "tok"
+  representation_size: Optional[int] = None
+  layernorm_epsilon: float = 1e-6
+  gelu_approximate: bool = False
+
+  @nn.compact
+  def __call__(self, images: jax.Array, return_intermediates: bool = False):
+    """Logits `[B, classes]`; with `return_intermediates`, also a dict of stacked
+    per-block tensors `{"attn": [L, B, N, D], "block": [L, B, N, D]}`."""
+    if self.pool not in ("tok", "gap"):
+      raise ValueError(f"pool must be 'tok' or 'gap', got {self.pool!r}")
+    x = quant_site(self, "image", images)
+    x = PatchEmbedding(self.hidden_size, self.patch_size, name="embedding")(x)
+    x = quant_site(self, "patch_embed", x)
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    if self.pool == "tok":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
+    x, intermediates = Encoder(self.num_layers, self.mlp_dim, self.num_heads,
+                               self.layernorm_epsilon, self.gelu_approximate,
+                               name="Transformer")(x, return_intermediates)
+    x = x[:, 0] if self.pool == "tok" else x.mean(axis=1)
+    if self.representation_size:
+      x = jnp.tanh(Projection(self.representation_size, name="pre_logits")(x))
+      x = quant_site(self, "pre_logits", x)
+    logits = Projection(self.num_classes, name="head",
+                        kernel_init=nn.initializers.zeros)(x)
+    logits = quant_site(self, "logits", logits)
+    return (logits, intermediates) if return_intermediates else logits

@@ -1,0 +1,40 @@
+"""The offline default: a 6-block ViT (width 96, patch 4) on Fashion-MNIST (28x28x1).
+
+  python launch.py --config=configs/fmnist_vit.py --mode=eval --workdir=runs/fmnist
+  python launch.py --config=configs/fmnist_vit.py --mode=train --workdir=runs/fmnist_train
+
+Arguments (after a colon, comma-separated): `tiny` shrinks model and schedule for tests.
+"""
+
+import os
+
+import ml_collections
+
+from clamp_jax.models import model_config
+
+REFERENCE_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                                    "checkpoints", "fmnist_vit.npz")
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  args = {a for a in arg.split(",") if a}
+  unknown = args - {"tiny"}
+  if unknown:
+    raise ValueError(f"unknown config arguments {sorted(unknown)}; known: ['tiny']")
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = model_config(
+      image_size=28, channels=1, patch_size=4, hidden_size=96, num_layers=6, num_heads=3,
+      mlp_dim=192, num_classes=10, pool="tok", gelu_approximate=False,
+      checkpoint=os.path.normpath(REFERENCE_CHECKPOINT))
+  config.data = ml_collections.ConfigDict(dict(
+      name="fashion_mnist", dir="", mean=0.2860, std=0.3530, preset="", tfds_name=""))
+  config.train = ml_collections.ConfigDict(dict(
+      epochs=10, batch_size=128, lr=1e-3, warmup_steps=500, weight_decay=0.05,
+      grad_clip=1.0, label_smoothing=0.1, augment_pad=2, augment_flip=True, eval_every=2))
+  config.eval = ml_collections.ConfigDict(dict(batch_size=500, num_images=0, split=""))
+  if "tiny" in args:
+    config.model.update(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32, patch_size=7)
+    config.train.update(epochs=1, batch_size=64, eval_every=0)
+    config.eval.update(batch_size=100, num_images=200)
+  return config

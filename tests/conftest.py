@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny models with every parameter random (so no layout mistake hides behind zeros)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clamp_jax.models import build_model, model_config
+
+
+def tiny_model_config(**overrides):
+  fields = dict(image_size=32, channels=3, patch_size=8, hidden_size=32, num_layers=2,
+                num_heads=4, mlp_dim=48, num_classes=5, pool="tok")
+  fields.update(overrides)
+  return model_config(**fields)
+
+
+def random_params(model_cfg, seed: int = 0):
+  """Params of `build_model(model_cfg)` with every leaf drawn from N(0, 0.3^2)."""
+  model = build_model(model_cfg)
+  shape = (1, model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros(shape))["params"]
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  leaves = [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def random_images(model_cfg, n: int = 3, seed: int = 2):
+  shape = (n, model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+@pytest.fixture
+def tiny_cfg():
+  return tiny_model_config()

@@ -1,0 +1,75 @@
+"""launch.py end to end, in subprocesses as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = os.path.join(ROOT, "checkpoints", "fmnist_vit.npz")
+
+
+def launch(*args, check=True):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  if check and result.returncode != 0:
+    raise AssertionError(f"launch.py {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+  return result
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_train_then_eval_gives_the_same_accuracy(tmp_path):
+  workdir = str(tmp_path / "train")
+  launch("--config=configs/fmnist_vit.py:tiny", "--mode=train", f"--workdir={workdir}")
+  trained = read_json(os.path.join(workdir, "train.json"))
+  assert trained["top1"] > 30.0  # ten classes: chance is 10%
+  assert os.path.exists(os.path.join(workdir, "params.npz"))
+  assert os.path.isdir(os.path.join(workdir, "train_state"))  # orbax checkpoints
+
+  evaldir = str(tmp_path / "eval")
+  out = launch("--config=configs/fmnist_vit.py:tiny", "--mode=eval", f"--workdir={evaldir}",
+               f"--config.model.checkpoint={workdir}/params.npz")
+  evaluated = read_json(os.path.join(evaldir, "eval.json"))
+  assert evaluated["n"] == trained["n"] == 200
+  assert evaluated["top1"] == pytest.approx(trained["top1"])
+  assert f"float top-1: {evaluated['top1']:.2f}%" in out.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(REFERENCE), reason="reference checkpoint not committed")
+def test_reference_checkpoint_reports_its_recorded_accuracy(tmp_path):
+  recorded = read_json(os.path.join(ROOT, "checkpoints", "fmnist_vit.json"))
+  launch("--config=configs/fmnist_vit.py", "--mode=eval", f"--workdir={tmp_path}")
+  result = read_json(os.path.join(tmp_path, "eval.json"))
+  assert result["n"] == 10000
+  assert result["top1"] == pytest.approx(recorded["top1"], abs=0.011)
+  assert result["top1"] >= 88.0
+
+
+def test_unknown_config_field_is_named(tmp_path):
+  result = launch("--config=configs/fmnist_vit.py:tiny", "--mode=eval", f"--workdir={tmp_path}",
+                  "--config.model.depth=3", check=False)
+  assert result.returncode != 0 and "depth" in result.stderr
+
+
+def test_unknown_config_argument_is_named(tmp_path):
+  result = launch("--config=configs/fmnist_vit.py:huge", "--mode=eval", f"--workdir={tmp_path}",
+                  check=False)
+  assert result.returncode != 0 and "huge" in result.stderr
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+  result = launch("--config=configs/fmnist_vit.py:tiny", "--mode=eval", f"--workdir={tmp_path}",
+                  f"--config.model.checkpoint={tmp_path}/absent.npz", check=False)
+  assert result.returncode != 0 and "absent.npz" in result.stderr
+
+
+def test_missing_dataset_says_how_to_install(tmp_path):
+  result = launch("--config=configs/fmnist_vit.py:tiny", "--mode=train", f"--workdir={tmp_path}",
+                  f"--config.data.dir={tmp_path}/nowhere", check=False)
+  assert result.returncode != 0 and "apt-get install dataset-fashion-mnist" in result.stderr
