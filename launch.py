@@ -1,6 +1,6 @@
 """clamp_jax command line.
 
-  python launch.py --config=configs/fmnist_vit.py[:args] --workdir=DIR [--mode=eval|train]
+  python launch.py --config=configs/fmnist_vit.py[:args] --workdir=DIR [--mode=quantize|eval|train]
                    [--config.a.b=value ...]
 """
 
@@ -16,13 +16,15 @@ from clamp_jax import files
 from clamp_jax.evaluate import evaluate_params
 from clamp_jax.models import build_model
 from clamp_jax.models.checkpoints import load_checkpoint
+from clamp_jax.ptq import quantize
 from clamp_jax.train import train
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/fmnist_vit.py:tiny.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-flags.DEFINE_enum("mode", "eval", ["eval", "train"],
-                  "eval: float top-1 of config.model.checkpoint; train: train a float model.")
+flags.DEFINE_enum("mode", "quantize", ["quantize", "eval", "train"],
+                  "quantize: calibrate and evaluate the quantized model; eval: float top-1 of "
+                  "config.model.checkpoint; train: train a float model.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -50,6 +52,14 @@ def run_train(config, workdir: str) -> dict:
   return result
 
 
+def run_quantize(config, workdir: str) -> dict:
+  r = quantize(config, workdir)
+  print(f"W{r['w_bits']:g}/A{r['a_bits']:g} ({config.calib.source} calibration, "
+        f"{r['calib_images']} images): top-1 {r['quant_top1']:.2f}% "
+        f"(float {r['fp_top1']:.2f}%) in {r['seconds']:.1f}s; results in {workdir}", flush=True)
+  return r
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -58,7 +68,8 @@ def main(argv):
   with open(os.path.join(FLAGS.workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
   logging.info("config:\n%s", config)
-  {"eval": run_eval, "train": run_train}[FLAGS.mode](config, FLAGS.workdir)
+  {"quantize": run_quantize, "eval": run_eval, "train": run_train}[FLAGS.mode](
+      config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
   python launch.py --config=configs/fmnist_vit.py --mode=eval --workdir=runs/fmnist
   python launch.py --config=configs/fmnist_vit.py --mode=train --workdir=runs/fmnist_train
 
-Arguments (after a colon, comma-separated): `tiny` shrinks model and schedule for tests.
+  python launch.py --config=configs/fmnist_vit.py:w4a8 --workdir=runs/fmnist_w4a8
+
+Arguments (after a colon, comma-separated): a bit preset `w8a8` (default), `w6a6`, `w4a8`,
+`w4a4`; `tiny` shrinks model and schedule for tests.
 """
 
 import os
@@ -11,16 +14,24 @@ import os
 import ml_collections
 
 from clamp_jax.models import model_config
+from clamp_jax.models.quantized import quant_config
 
 REFERENCE_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                                     "checkpoints", "fmnist_vit.npz")
 
 
+BIT_PRESETS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4)}
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = {a for a in arg.split(",") if a}
-  unknown = args - {"tiny"}
+  unknown = args - {"tiny"} - set(BIT_PRESETS)
   if unknown:
-    raise ValueError(f"unknown config arguments {sorted(unknown)}; known: ['tiny']")
+    raise ValueError(f"unknown config arguments {sorted(unknown)}; "
+                     f"known: {['tiny'] + sorted(BIT_PRESETS)}")
+  bits = [BIT_PRESETS[a] for a in args if a in BIT_PRESETS]
+  if len(bits) > 1:
+    raise ValueError(f"give at most one bit preset, got {sorted(args & set(BIT_PRESETS))}")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = model_config(
@@ -33,6 +44,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       epochs=10, batch_size=128, lr=1e-3, warmup_steps=500, weight_decay=0.05,
       grad_clip=1.0, label_smoothing=0.1, augment_pad=2, augment_flip=True, eval_every=2))
   config.eval = ml_collections.ConfigDict(dict(batch_size=500, num_images=0, split=""))
+  config.calib = ml_collections.ConfigDict(dict(source="real", num_images=32, seed=0))
+  w_bits, a_bits = bits[0] if bits else BIT_PRESETS["w8a8"]
+  config.quant = quant_config(w_bits=w_bits, a_bits=a_bits)
   if "tiny" in args:
     config.model.update(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32, patch_size=7)
     config.train.update(epochs=1, batch_size=64, eval_every=0)

@@ -40,6 +40,17 @@ def test_train_then_eval_gives_the_same_accuracy(tmp_path):
   assert evaluated["top1"] == pytest.approx(trained["top1"])
   assert f"float top-1: {evaluated['top1']:.2f}%" in out.stdout
 
+  quantdir = str(tmp_path / "quant")
+  launch("--config=configs/fmnist_vit.py:tiny,w4a8", f"--workdir={quantdir}",  # default mode
+         f"--config.model.checkpoint={workdir}/params.npz", "--config.calib.source=gaussian")
+  result = read_json(os.path.join(quantdir, "results.json"))
+  assert result["fp_top1"] == pytest.approx(trained["top1"])
+  assert (result["w_bits"], result["a_bits"], result["calib_source"]) == (4, 8, "gaussian")
+  assert (result["w_bits_weighted"], result["a_bits_weighted"]) == (4, 8)
+  assert 0 <= result["quant_top1"] <= 100 and result["seconds"] > 0
+  assert os.path.exists(os.path.join(quantdir, "quantized.npz"))
+  assert os.path.exists(os.path.join(quantdir, "quant_params", "sites.json"))
+
 
 @pytest.mark.skipif(not os.path.exists(REFERENCE), reason="reference checkpoint not committed")
 def test_reference_checkpoint_reports_its_recorded_accuracy(tmp_path):

@@ -14,14 +14,28 @@ import jax.numpy as jnp
 import numpy as np
 
 
+QUANT = "quant"  # collection of `SiteQuant` parameters (a `QuantParams` tree)
+OBSERVE = "quant_observe"  # mutable collection that records every site's value (calibration)
+
+
 def quant_site(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
   """Quantization hook for the value `x` at site `name` of `module`.
 
-  The float model returns `x` unchanged; the quantizers of `clamp_jax.quant`
-  replace this identity with fake quantization driven by `QuantParams`.
+  Records `x` when the `OBSERVE` collection is mutable; fake-quantizes it when the `QUANT`
+  collection holds a `SiteQuant` for this site; otherwise returns `x` unchanged, so the
+  model without `QuantParams` is exactly the float model.
   """
-  del module, name
+  if module.is_mutable_collection(OBSERVE) and not module.is_initializing():
+    module.sow(OBSERVE, name, x)
+  if module.has_variable(QUANT, name):
+    return module.get_variable(QUANT, name)(x)
   return x
+
+
+def _quant_kernel(module: nn.Module, kernel: jax.Array, in_axes: int) -> jax.Array:
+  """The kernel passes its site as a 2-D `(inputs, outputs)` view: per-output-channel is axis 1."""
+  n_in = int(np.prod(kernel.shape[:in_axes]))
+  return quant_site(module, "kernel", kernel.reshape(n_in, -1)).reshape(kernel.shape)
 
 
 class Projection(nn.Module):
@@ -45,7 +59,7 @@ class Projection(nn.Module):
         out_axis=tuple(range(self.in_axes, len(kernel_shape))))
     kernel = self.param("kernel", init, kernel_shape, jnp.float32)
     bias = self.param("bias", self.bias_init, features, jnp.float32)
-    kernel = quant_site(self, "kernel", kernel)
+    kernel = _quant_kernel(self, kernel, len(in_shape))
     contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
     y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
     return y + bias
@@ -66,7 +80,7 @@ class PatchEmbedding(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
                         (p, p, c, self.hidden_size), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.hidden_size,), jnp.float32)
-    kernel = quant_site(self, "kernel", kernel)
+    kernel = _quant_kernel(self, kernel, 3)
     x = images[:, :gh * p, :gw * p, :].reshape(b, gh, p, gw, p, c)
     x = x.transpose(0, 1, 3, 2, 4, 5)  # b, gh, gw, p, p, c: the kernel's (kh, kw, cin) order
     y = jnp.einsum("bijklc,klcd->bijd", x, kernel)
@@ -84,14 +98,14 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f"hidden size {d} is not divisible by num_heads={self.num_heads}")
     head_dim = d // self.num_heads
     proj = lambda name: Projection((self.num_heads, head_dim), name=name)(x)
-    q = quant_site(self, "query", proj("query"))
-    k = quant_site(self, "key", proj("key"))
-    v = quant_site(self, "value", proj("value"))
+    q = quant_site(self, "q", proj("query"))
+    k = quant_site(self, "k", proj("key"))
+    v = quant_site(self, "v", proj("value"))
     logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / np.sqrt(head_dim).astype(np.float32)
     logits = quant_site(self, "attn_logits", logits)
     probs = quant_site(self, "attn_probs", jax.nn.softmax(logits, axis=-1))
     attended = quant_site(self, "attn_v", jnp.einsum("...hqk,...khd->...qhd", probs, v))
-    return quant_site(self, "out", Projection(d, in_axes=2, name="out")(attended))
+    return quant_site(self, "attn_out", Projection(d, in_axes=2, name="out")(attended))
 
 
 class MlpBlock(nn.Module):
@@ -144,7 +158,7 @@ class Encoder(nn.Module):
       attn_outputs.append(attn)
       block_outputs.append(x)
     x = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="encoder_norm")(x)
-    x = quant_site(self, "encoder_norm", x)
+    x = quant_site(self, "encoder_norm_out", x)
     if not return_intermediates:
       return x, None
     return x, {"attn": jnp.stack(attn_outputs), "block": jnp.stack(block_outputs)}
@@ -192,7 +206,7 @@ class VisionTransformer(nn.Module):
     x = x[:, 0] if self.pool == "tok" else x.mean(axis=1)
     if self.representation_size:
       x = jnp.tanh(Projection(self.representation_size, name="pre_logits")(x))
-      x = quant_site(self, "pre_logits", x)
+      x = quant_site(self, "pre_logits_out", x)
     logits = Projection(self.num_classes, name="head",
                         kernel_init=nn.initializers.zeros)(x)
     logits = quant_site(self, "logits", logits)

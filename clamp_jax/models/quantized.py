@@ -1,0 +1,156 @@
+"""The quantized ViT: which quantizer each site gets (from `config.quant`), and calibration.
+
+Sites are the `quant_site` calls of `vit.py`. Weights: asymmetric per output channel
+(the paper's `(max - min) / (2^b - 1)`), activations per tensor; softmax and LayerNorm
+stay in float unless `softmax_log2` / `ptf` ask otherwise.
+"""
+
+from typing import Dict, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from clamp_jax.models.vit import OBSERVE
+from clamp_jax.quant import observers
+from clamp_jax.quant.export import from_int, to_int
+from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, flatten, unflatten
+
+OBSERVERS = {"minmax": observers.minmax, "percentile": observers.percentile,
+             "omse": observers.omse}
+LN_INPUT_SITES = ("posembed", "residual1", "residual2")  # the values LayerNorms read
+
+
+def quant_config(**overrides) -> ml_collections.ConfigDict:
+  """A `config.quant` section with its defaults, then `overrides`."""
+  cfg = ml_collections.ConfigDict(dict(
+      w_bits=8, a_bits=8,
+      first_layer_bits=0,   # patch embedding weights; 0: w_bits
+      last_layer_bits=0,    # head weights; 0: w_bits
+      image_bits=8,         # the input image; 0: float
+      w_symmetric=False, a_symmetric=False,
+      w_observer="minmax", a_observer="minmax",
+      softmax_log2=False, softmax_bits=4,  # FQ-ViT log2 quantizer for attention probabilities
+      ptf=False, ptf_factors=3,            # FQ-ViT power-of-two factors for LayerNorm inputs
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def validate(qcfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first impossible `config.quant` value."""
+  for field in ("w_bits", "a_bits", "softmax_bits"):
+    if not 2 <= qcfg[field] <= 16:
+      raise ValueError(f"config.quant.{field}={qcfg[field]} must be between 2 and 16")
+  for field in ("first_layer_bits", "last_layer_bits", "image_bits"):
+    if qcfg[field] and not 2 <= qcfg[field] <= 16:
+      raise ValueError(f"config.quant.{field}={qcfg[field]} must be 0 (default) or 2..16")
+  for field in ("w_observer", "a_observer"):
+    if qcfg[field] not in OBSERVERS:
+      raise ValueError(f"config.quant.{field}={qcfg[field]!r}; known: {sorted(OBSERVERS)}")
+
+
+def site_rule(path: str, qcfg: ml_collections.ConfigDict) -> Optional[dict]:
+  """How site `path` is quantized: `dict(kind, bits, signed, log2, ptf, observer)`, or None (float)."""
+  name = path.rsplit("/", 1)[-1]
+  if name == "kernel":
+    bits = qcfg.w_bits
+    if path.startswith("embedding/") and qcfg.first_layer_bits:
+      bits = qcfg.first_layer_bits
+    if path.startswith("head/") and qcfg.last_layer_bits:
+      bits = qcfg.last_layer_bits
+    return dict(kind=WEIGHT, bits=bits, signed=qcfg.w_symmetric, log2=False, ptf=False,
+                observer=qcfg.w_observer)
+  if name == "attn_probs":
+    if not qcfg.softmax_log2:
+      return None
+    return dict(kind=ACTIVATION, bits=qcfg.softmax_bits, signed=False, log2=True, ptf=False,
+                observer=None)
+  bits = qcfg.a_bits
+  if name == "image":
+    if not qcfg.image_bits:
+      return None
+    bits = qcfg.image_bits
+  return dict(kind=ACTIVATION, bits=bits, signed=qcfg.a_symmetric, log2=False,
+              ptf=qcfg.ptf and name in LN_INPUT_SITES, observer=qcfg.a_observer)
+
+
+def observe(model: nn.Module, variables: dict, images: jax.Array) -> Dict[str, jax.Array]:
+  """Every site's value on `images`: `{"Transformer/encoderblock_0/ln1": array, ...}`.
+
+  With a `"quant"` collection in `variables`, values are observed in the quantized model.
+  """
+  _, state = model.apply(variables, images, mutable=[OBSERVE])
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state[OBSERVE]), sep="/")
+  return {path: values[0] for path, values in flat.items()}
+
+
+def site_params(x: jax.Array, rule: dict, batch: int, qcfg: ml_collections.ConfigDict) -> SiteQuant:
+  """Calibrates one site on its observed value `x`."""
+  bits = jnp.asarray(rule["bits"], jnp.float32)
+  static = dict(kind=rule["kind"], signed=rule["signed"], log2=rule["log2"],
+                numel=int(x.size) if rule["kind"] == WEIGHT else int(x.size) // batch)
+  if rule["log2"]:
+    return SiteQuant(jnp.ones(()), jnp.zeros(()), bits, **static)
+  if rule["ptf"]:
+    scale, zero_point = observers.ptf(x, bits, qcfg.ptf_factors)
+  else:
+    reduce_axes = (0,) if rule["kind"] == WEIGHT else None  # weights: per output channel
+    scale, zero_point = OBSERVERS[rule["observer"]](x, bits, rule["signed"], reduce_axes)
+  return SiteQuant(scale, zero_point, bits, **static)
+
+
+def calibrate(model: nn.Module, params, images: jax.Array,
+              qcfg: ml_collections.ConfigDict) -> dict:
+  """`QuantParams` for `model` from the float model's values on `images` (min-max by default)."""
+  validate(qcfg)
+  sites = {}
+  for path, x in observe(model, {"params": params}, images).items():
+    rule = site_rule(path, qcfg)
+    if rule is not None:
+      sites[path] = site_params(x, rule, images.shape[0], qcfg)
+  return unflatten(sites)
+
+
+def apply_quantized(model: nn.Module, params, qparams, images: jax.Array, **kwargs):
+  """The quantized model's forward (the float model's when `qparams` is empty)."""
+  return model.apply({"params": params, "quant": qparams}, images, **kwargs)
+
+
+def export_integer(params, qparams) -> Dict[str, np.ndarray]:
+  """Float params with each quantized kernel as int8 values (int4 within int8) + scale + zero point.
+
+  `PATH/kernel` becomes `PATH/kernel.int` (the kernel's shape), `PATH/kernel.zero_point`,
+  `PATH/kernel.scale` (per output channel) and `PATH/kernel.bits`; activation sites are stored
+  as `quant/SITE.{scale,zero_point,bits}`. `import_integer` inverts it.
+  """
+  arrays = {k: np.asarray(v) for k, v in
+            flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/").items()}
+  for path, site in flatten(qparams).items():
+    if site.kind == WEIGHT:
+      kernel = arrays.pop(path)
+      q, zp = to_int(kernel.reshape(-1, site.scale.shape[-1]), site.scale, site.zero_point,
+                     site.bits, site.signed)
+      arrays[f"{path}.int"] = np.asarray(q).reshape(kernel.shape)
+      arrays[f"{path}.zero_point"] = np.asarray(zp)
+    for field in ("scale", "bits") if site.kind == WEIGHT else ("scale", "zero_point", "bits"):
+      prefix = path if site.kind == WEIGHT else f"quant/{path}"
+      arrays[f"{prefix}.{field}"] = np.asarray(getattr(site, field))
+  return arrays
+
+
+def dequantized_params(arrays: Dict[str, np.ndarray]):
+  """Float params from `export_integer`'s arrays, each kernel dequantized from its integers."""
+  flat = {}
+  for key, value in arrays.items():
+    if key.endswith(".int") and not key.startswith("quant/"):
+      path = key[:-len(".int")]
+      scale = arrays[f"{path}.scale"]
+      kernel = from_int(value.reshape(-1, scale.shape[-1]), arrays[f"{path}.zero_point"], scale)
+      flat[path] = jnp.reshape(kernel, value.shape)
+    elif "." not in key:  # a float parameter, stored as it was
+      flat[key] = jnp.asarray(value)
+  return flax.traverse_util.unflatten_dict(flat, sep="/")

@@ -1,0 +1,105 @@
+"""`SiteQuant`: one quantization site's parameters, and `QuantParams` trees of them.
+
+A `QuantParams` is a nested dict laid out like a Flax variable collection (module path ->
+site name -> `SiteQuant`), passed to a model as its `"quant"` collection. Arrays
+(`scale`, `zero_point`, `bits`) are pytree leaves, so `jit` compiles one program for any
+values and `vmap` runs a population of them; the static description (kind, signedness,
+log2, element count) is pytree metadata, kept apart from the arrays.
+"""
+
+import json
+import os
+from typing import Dict, Iterator, Tuple
+
+import flax
+from flax import struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from clamp_jax.files import write_json
+from clamp_jax.quant.log2 import log2_fake_quant
+from clamp_jax.quant.uniform import fake_quant
+
+WEIGHT, ACTIVATION = "weight", "activation"
+
+
+@struct.dataclass
+class SiteQuant:
+  """Parameters of one site. `scale`/`zero_point` broadcast against the value quantized."""
+  scale: jax.Array
+  zero_point: jax.Array
+  bits: jax.Array
+  kind: str = struct.field(pytree_node=False, default=ACTIVATION)
+  signed: bool = struct.field(pytree_node=False, default=False)
+  log2: bool = struct.field(pytree_node=False, default=False)
+  numel: int = struct.field(pytree_node=False, default=0)  # params, or activations per image
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Fake-quantizes `x` (straight-through gradient)."""
+    if self.log2:
+      return log2_fake_quant(x, self.bits)
+    return fake_quant(x, self.scale, self.zero_point, self.bits, self.signed)
+
+
+def is_site(node) -> bool:
+  return isinstance(node, SiteQuant)
+
+
+def flatten(qparams) -> Dict[str, SiteQuant]:
+  """`{"Transformer/encoderblock_0/ln1": SiteQuant, ...}`."""
+  return {"/".join(path): site for path, site in flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(qparams), is_leaf=lambda _, node: is_site(node)).items()}
+
+
+def unflatten(sites: Dict[str, SiteQuant]) -> dict:
+  return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in sites.items()})
+
+
+def iter_sites(qparams, kind: str = "") -> Iterator[Tuple[str, SiteQuant]]:
+  """`(path, site)` pairs, optionally only those of `kind`."""
+  for path, site in flatten(qparams).items():
+    if not kind or site.kind == kind:
+      yield path, site
+
+
+def bit_summary(qparams) -> dict:
+  """Plain and weighted average bit widths of weights (by parameters) and activations (by elements)."""
+  out = {}
+  for prefix, kind in (("w", WEIGHT), ("a", ACTIVATION)):
+    sites = [s for _, s in iter_sites(qparams, kind)]
+    bits = np.array([float(np.mean(s.bits)) for s in sites])
+    sizes = np.array([s.numel for s in sites], np.float64)
+    out[f"{prefix}_bits"] = float(bits.mean()) if len(bits) else 32.0
+    out[f"{prefix}_bits_weighted"] = float((bits * sizes).sum() / sizes.sum()) if len(bits) else 32.0
+    out[f"{prefix}_sites"] = len(sites)
+  return out
+
+
+def _static(site: SiteQuant) -> dict:
+  return dict(kind=site.kind, signed=site.signed, log2=site.log2, numel=site.numel)
+
+
+def save(directory: str, qparams) -> None:
+  """Writes the arrays with orbax and the static description as `sites.json`, beside each other."""
+  sites = flatten(qparams)
+  arrays = {path: dict(scale=np.asarray(s.scale), zero_point=np.asarray(s.zero_point),
+                       bits=np.asarray(s.bits)) for path, s in sites.items()}
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(directory, "arrays"), arrays, force=True)
+  write_json(os.path.join(directory, "sites.json"), {p: _static(s) for p, s in sites.items()})
+
+
+def restore(directory: str) -> dict:
+  """The `QuantParams` written by `save`."""
+  directory = os.path.abspath(directory)
+  with open(os.path.join(directory, "sites.json")) as f:
+    static = json.load(f)
+  with ocp.StandardCheckpointer() as checkpointer:
+    arrays = checkpointer.restore(os.path.join(directory, "arrays"))
+  return unflatten({path: SiteQuant(jnp.asarray(arrays[path]["scale"]),
+                                    jnp.asarray(arrays[path]["zero_point"]),
+                                    jnp.asarray(arrays[path]["bits"]), **meta)
+                    for path, meta in static.items()})
