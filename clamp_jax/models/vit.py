@@ -148,11 +148,16 @@ class Encoder(nn.Module):
   gelu_approximate: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, return_intermediates: bool = False):
-    pos = PositionEmbedding(name="posembed_input")(x)
-    x = quant_site(self, "posembed", x + pos)
-    attn_outputs, block_outputs = [], []
-    for i in range(self.num_layers):
+  def __call__(self, x: jax.Array, return_intermediates: bool = False,
+               start_block: Optional[int] = None):
+    """Tokens -> encoded tokens. With `start_block` set, `x` is the residual stream entering
+    that block, and the position embedding and the blocks before it are skipped."""
+    if start_block is None:
+      pos = PositionEmbedding(name="posembed_input")(x)
+      x = quant_site(self, "posembed", x + pos)
+    block_inputs, attn_outputs, block_outputs = [], [], []
+    for i in range(start_block or 0, self.num_layers):
+      block_inputs.append(x)
       x, attn = Encoder1DBlock(self.mlp_dim, self.num_heads, self.layernorm_epsilon,
                                self.gelu_approximate, name=f"encoderblock_{i}")(x)
       attn_outputs.append(attn)
@@ -161,7 +166,8 @@ class Encoder(nn.Module):
     x = quant_site(self, "encoder_norm_out", x)
     if not return_intermediates:
       return x, None
-    return x, {"attn": jnp.stack(attn_outputs), "block": jnp.stack(block_outputs)}
+    return x, {"block_in": jnp.stack(block_inputs), "attn": jnp.stack(attn_outputs),
+               "block": jnp.stack(block_outputs)}
 
 
 class PositionEmbedding(nn.Module):
@@ -187,22 +193,25 @@ class VisionTransformer(nn.Module):
   gelu_approximate: bool = False
 
   @nn.compact
-  def __call__(self, images: jax.Array, return_intermediates: bool = False):
-    """Logits `[B, classes]`; with `return_intermediates`, also a dict of stacked
-    per-block tensors `{"attn": [L, B, N, D], "block": [L, B, N, D]}`."""
+  def __call__(self, inputs: jax.Array, return_intermediates: bool = False,
+               start_block: Optional[int] = None):
+    """Logits `[B, classes]` of images `inputs` `[B, H, W, C]`.
+
+    With `return_intermediates`, also a dict of stacked per-block tensors, each
+    `[L, B, N, D]`: "block_in" (the residual stream entering the block), "attn" (the
+    attention output before the residual) and "block" (the block output).
+    With `start_block` set (0 included), `inputs` is instead the residual stream `[B, N, D]`
+    entering that block (its "block_in"), and only blocks `start_block..L-1` and the head
+    run (intermediates cover those blocks): what a block-wise search needs.
+    """
     if self.pool not in ("tok", "gap"):
       raise ValueError(f"pool must be 'tok' or 'gap', got {self.pool!r}")
-    x = quant_site(self, "image", images)
-    x = PatchEmbedding(self.hidden_size, self.patch_size, name="embedding")(x)
-    x = quant_site(self, "patch_embed", x)
-    b, gh, gw, d = x.shape
-    x = x.reshape(b, gh * gw, d)
-    if self.pool == "tok":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
-      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
+    if start_block is not None and not 0 <= start_block < self.num_layers:
+      raise ValueError(f"start_block={start_block} outside 0..{self.num_layers - 1}")
+    x = self._tokens(inputs) if start_block is None else inputs
     x, intermediates = Encoder(self.num_layers, self.mlp_dim, self.num_heads,
                                self.layernorm_epsilon, self.gelu_approximate,
-                               name="Transformer")(x, return_intermediates)
+                               name="Transformer")(x, return_intermediates, start_block)
     x = x[:, 0] if self.pool == "tok" else x.mean(axis=1)
     if self.representation_size:
       x = jnp.tanh(Projection(self.representation_size, name="pre_logits")(x))
@@ -211,3 +220,15 @@ class VisionTransformer(nn.Module):
                         kernel_init=nn.initializers.zeros)(x)
     logits = quant_site(self, "logits", logits)
     return (logits, intermediates) if return_intermediates else logits
+
+  def _tokens(self, images: jax.Array) -> jax.Array:
+    """Images -> patch tokens, with the class token first when `pool` is "tok"."""
+    x = quant_site(self, "image", images)
+    x = PatchEmbedding(self.hidden_size, self.patch_size, name="embedding")(x)
+    x = quant_site(self, "patch_embed", x)
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    if self.pool == "tok":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
+    return x

@@ -17,7 +17,7 @@ def int_range(bits, signed: bool) -> tuple[jax.Array, jax.Array]:
   if signed:
     half = 2.0 ** (bits - 1)
     return -half, half - 1
-  return jnp.zeros_like(bits), 2.0 ** bits - 1
+  return bits * 0.0, 2.0 ** bits - 1  # (zeros_like would carry a sharding into shard_map)
 
 
 def _clip_masked(q, qmin, qmax):

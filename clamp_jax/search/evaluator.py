@@ -1,0 +1,103 @@
+"""Scores a population of one block's candidates, all at once.
+
+Only what a block's candidates change is run: the residual stream entering block `l` under
+the current quantized model is cached (`Caches.block_inputs`), as are the FP targets (block
+outputs and logits, once per data refresh). Candidates then run blocks `l..L-1` and the head,
+`vmap`ped, in chunks of `chunk_size` (`lax.map`) when memory is short, and sharded over a
+`Mesh` with a `"pop"` axis (`shard_map`): every candidate sees the same images and tokens.
+"""
+
+import functools
+from typing import Optional
+
+from flax import struct
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from clamp_jax.search.fitness import fitness
+
+
+@struct.dataclass
+class Caches:
+  block_inputs: jax.Array  # [L, B, N, D] under the current quantized model
+  fp_blocks: jax.Array     # [L, B, N, D] FP block outputs
+  fp_logits: jax.Array     # [B, classes]
+
+
+def block_key(block: int) -> str:
+  return f"encoderblock_{block}"
+
+
+def with_block(qparams: dict, block: int, candidate: dict) -> dict:
+  """`qparams` with block `block`'s sites replaced by `candidate`."""
+  transformer = dict(qparams["Transformer"], **{block_key(block): candidate})
+  return dict(qparams, Transformer=transformer)
+
+
+def population_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over `devices` (default: all) with the axis "pop"."""
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("pop",))
+
+
+class BlockEvaluator:
+  """Fitness of candidates for block `l`, vmapped, chunked and sharded."""
+
+  def __init__(self, model: nn.Module, params, cfg: ml_collections.ConfigDict,
+               mesh: Optional[Mesh] = None):
+    self.model, self.params, self.cfg = model, params, cfg
+    self.mesh = mesh or population_mesh()
+
+  def caches(self, qparams: dict, images: jax.Array) -> Caches:
+    """Block inputs under `qparams` and the FP targets, from two whole-model forwards."""
+    _, fp = self.model.apply({"params": self.params}, images, return_intermediates=True)
+    fp_logits = self.model.apply({"params": self.params}, images)
+    _, q = self.model.apply({"params": self.params, "quant": qparams}, images,
+                            return_intermediates=True)
+    return Caches(q["block_in"], fp["block"], fp_logits)
+
+  def refresh_block_inputs(self, caches: Caches, qparams: dict, images: jax.Array) -> Caches:
+    _, q = self.model.apply({"params": self.params, "quant": qparams}, images,
+                            return_intermediates=True)
+    return caches.replace(block_inputs=q["block_in"])
+
+  def token_sample(self, key: jax.Array, caches: Caches) -> jax.Array:
+    """The tokens L_C2 compares (the same for every candidate of a generation)."""
+    total = caches.fp_blocks.shape[1] * caches.fp_blocks.shape[2]
+    n = min(self.cfg.block_tokens, total)
+    return jax.random.choice(key, total, (n,), replace=False)
+
+  def candidate_fitness(self, block: int, qparams: dict, caches: Caches, sample: jax.Array,
+                        candidate: dict) -> jax.Array:
+    """One candidate's fitness (runs blocks `block..L-1` and the head)."""
+    variables = {"params": self.params, "quant": with_block(qparams, block, candidate)}
+    logits, inter = self.model.apply(variables, caches.block_inputs[block],
+                                     return_intermediates=True, start_block=block)
+    return fitness(self.cfg, inter["block"][0], caches.fp_blocks[block], logits,
+                   caches.fp_logits, sample)
+
+  def score(self, block: int, population: dict, qparams: dict, caches: Caches,
+            sample: jax.Array) -> jax.Array:
+    """Fitness `[K]` of a population for `block`."""
+    k = jax.tree_util.tree_leaves(population)[0].shape[0]
+    n_dev = self.mesh.devices.size
+    padded = -(-k // n_dev) * n_dev
+    if padded != k:  # repeat the last candidate so every device gets the same count
+      population = jax.tree_util.tree_map(
+          lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], padded - k, axis=0)]), population)
+    population = jax.device_put(population, NamedSharding(self.mesh, P("pop")))
+    return self._score(block, population, qparams, caches, sample)[:k]
+
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def _score(self, block, population, qparams, caches, sample):
+    one = functools.partial(self.candidate_fitness, block, qparams, caches, sample)
+
+    def local(pop):  # the candidates on one device
+      if self.cfg.chunk_size:
+        return jax.lax.map(one, pop, batch_size=self.cfg.chunk_size)
+      return jax.vmap(one)(pop)
+
+    return jax.shard_map(local, mesh=self.mesh, in_specs=P("pop"), out_specs=P("pop"))(population)

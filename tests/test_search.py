@@ -1,0 +1,170 @@
+"""The layer-wise evolutionary search: strategy, block-cached vmapped evaluator, sharding, loop."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clamp_jax.models import build_model
+from clamp_jax.models.quantized import calibrate, quant_config
+from clamp_jax.quant.params import flatten
+from clamp_jax.search import BlockEvaluator, EvolQ, search, search_config, with_block
+from clamp_jax.search.fitness import fitness
+from clamp_jax.search.strategy import take
+from conftest import random_images, random_params, tiny_model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(passes=1, generations=2, population=4, children=4, tournament=3, block_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = tiny_model_config(num_layers=2)
+  model = build_model(cfg)
+  params = random_params(cfg)
+  images = jnp.asarray(random_images(cfg, n=4))
+  qparams = calibrate(model, params, images, quant_config(w_bits=4, a_bits=4))
+  return model, params, images, qparams
+
+
+def block_sites(qparams, block):
+  return qparams["Transformer"][f"encoderblock_{block}"]
+
+
+def test_mutation_moves_scales_by_at_most_r_and_keeps_bits_and_zero_points(setup):
+  *_, qparams = setup
+  center = block_sites(qparams, 1)
+  strategy = EvolQ(population_size=5)
+  population = strategy.initial_population(jax.random.PRNGKey(0), center)
+  for path, site in flatten(center).items():
+    mutated = flatten(population)[path]
+    np.testing.assert_array_equal(mutated.scale[0], site.scale)  # the centre is kept first
+    assert np.abs(mutated.scale[1:] - site.scale).max() <= 1e-3 + 1e-7  # 4 bits: r = 1e-3
+    assert np.abs(mutated.scale[1:] - site.scale).max() > 0
+    np.testing.assert_array_equal(mutated.bits[1:], np.broadcast_to(site.bits, mutated.bits[1:].shape))
+    np.testing.assert_array_equal(mutated.zero_point[1:],
+                                  np.broadcast_to(site.zero_point, mutated.zero_point[1:].shape))
+
+
+def test_tell_never_loses_the_best_and_children_replace_the_worst():
+  strategy = EvolQ(population_size=4, num_children=3)
+  population = {"x": jnp.arange(4.0)}
+  state = strategy.init(population, jnp.array([3.0, 1.0, 2.0, 5.0]))
+  assert float(state.fitness[0]) == 1.0 and float(state.population["x"][0]) == 1.0
+  children = {"x": jnp.array([10.0, 11.0, 12.0])}
+  state = strategy.tell(state, children, jnp.array([4.0, jnp.nan, 0.5]))
+  np.testing.assert_array_equal(state.fitness, [0.5, 1.0, 2.0, 3.0])
+  np.testing.assert_array_equal(state.population["x"], [12.0, 1.0, 2.0, 0.0])
+  state = strategy.tell(state, children, jnp.array([9.0, 9.0, 9.0]))  # all worse: nothing changes
+  np.testing.assert_array_equal(state.fitness, [0.5, 1.0, 2.0, 3.0])
+
+
+def test_tournament_picks_winners_from_the_population(setup):
+  *_, qparams = setup
+  strategy = EvolQ(population_size=6, num_children=8, tournament_size=6)
+  center = block_sites(qparams, 0)
+  population = strategy.initial_population(jax.random.PRNGKey(1), center)
+  state = strategy.init(population, jnp.arange(6.0))
+  children = strategy.ask(jax.random.PRNGKey(2), state)
+  path = "MlpBlock_0/Dense_0/kernel"
+  parent_scales = np.asarray(flatten(state.population)[path].scale)
+  child_scales = np.asarray(flatten(children)[path].scale)
+  # Each child lies within r of some parent, most often of the best (a tournament of 6 of 6).
+  nearest = [int(np.argmin(np.abs(parent_scales - c).max(axis=(1, 2)))) for c in child_scales]
+  assert all(np.abs(child_scales[i] - parent_scales[n]).max() <= 1e-3 + 1e-7
+             for i, n in enumerate(nearest))
+  assert nearest.count(0) >= 4
+
+
+def test_block_cached_vmapped_scores_equal_whole_model_one_by_one(setup):
+  model, params, images, qparams = setup
+  cfg = search_config(**SMALL)
+  evaluator = BlockEvaluator(model, params, cfg)
+  caches = evaluator.caches(qparams, images)
+  sample = evaluator.token_sample(jax.random.PRNGKey(0), caches)
+  population = EvolQ(population_size=6).initial_population(jax.random.PRNGKey(3),
+                                                           block_sites(qparams, 0))
+  scores = evaluator.score(0, population, qparams, caches, sample)
+  fp_logits, fp = model.apply({"params": params}, images, return_intermediates=True)
+  for i in range(6):  # the whole model, one candidate at a time: no caches at all
+    q = with_block(qparams, 0, take(population, i))
+    logits, inter = model.apply({"params": params, "quant": q}, images, return_intermediates=True)
+    want = fitness(cfg, inter["block"][0], fp["block"][0], logits, fp_logits, sample)
+    np.testing.assert_allclose(scores[i], want, rtol=1e-5)
+  assert len(set(np.round(np.asarray(scores), 6))) > 1
+
+
+def test_chunked_evaluation_equals_vmapped(setup):
+  model, params, images, qparams = setup
+  population = EvolQ(population_size=5).initial_population(jax.random.PRNGKey(4),
+                                                           block_sites(qparams, 1))
+  results = []
+  for chunk in (0, 2):
+    evaluator = BlockEvaluator(model, params, search_config(**SMALL, chunk_size=chunk))
+    caches = evaluator.caches(qparams, images)
+    sample = evaluator.token_sample(jax.random.PRNGKey(0), caches)
+    results.append(evaluator.score(1, population, qparams, caches, sample))
+  np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
+
+
+def test_search_lowers_the_fitness_below_the_min_max_start(setup):
+  model, params, images, qparams = setup
+  searched, history = search(model, params, qparams, images,
+                             search_config(**dict(SMALL, generations=4)))
+  assert [h["block"] for h in history] == [1, 0]  # last to first
+  assert all(h["fitness_after"] <= h["fitness_before"] for h in history)
+  assert any(h["fitness_after"] < h["fitness_before"] for h in history)
+  changed = [not np.array_equal(a.scale, b.scale)
+             for a, b in zip(flatten(searched).values(), flatten(qparams).values())]
+  assert any(changed)
+  again, _ = search(model, params, qparams, images, search_config(**dict(SMALL, generations=4)))
+  for a, b in zip(flatten(searched).values(), flatten(again).values()):  # same seed, same result
+    np.testing.assert_array_equal(a.scale, b.scale)
+
+
+SHARDED_SCRIPT = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, "tests")
+from conftest import random_images, random_params, tiny_model_config
+from clamp_jax.models import build_model
+from clamp_jax.models.quantized import calibrate, quant_config
+from clamp_jax.quant.params import flatten
+from clamp_jax.search import population_mesh, search, search_config
+assert len(jax.devices()) == 8, jax.devices()
+cfg = tiny_model_config(num_layers=2)
+model, params = build_model(cfg), random_params(cfg)
+images = jnp.asarray(random_images(cfg, n=4))
+qparams = calibrate(model, params, images, quant_config(w_bits=4, a_bits=4))
+scfg = search_config(passes=1, generations=2, population=5, children=7, tournament=3, block_tokens=24)
+out = {}
+for n in (1, 8):
+  searched, _ = search(model, params, qparams, images, scfg, mesh=population_mesh(jax.devices()[:n]))
+  out[n] = {p: np.asarray(s.scale).tolist() for p, s in flatten(searched).items()}
+print(json.dumps(out))
+"""
+
+
+def test_eight_device_sharded_search_equals_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["1"].keys() == out["8"].keys()
+  for path in out["1"]:
+    np.testing.assert_array_equal(np.asarray(out["1"][path]), np.asarray(out["8"][path]), err_msg=path)
+
+
+@pytest.mark.parametrize("field,value", [("population", 0), ("generations", 0),
+                                         ("output_loss", "mse"), ("temperature", 0.0)])
+def test_impossible_search_settings_are_named(setup, field, value):
+  model, params, images, qparams = setup
+  with pytest.raises(ValueError, match=f"config.search.{field}"):
+    search(model, params, qparams, images, search_config(**{field: value}))
