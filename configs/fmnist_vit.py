@@ -15,6 +15,7 @@ import ml_collections
 
 from clamp_jax.models import model_config
 from clamp_jax.models.quantized import quant_config
+from clamp_jax.search import search_config
 
 REFERENCE_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                                     "checkpoints", "fmnist_vit.npz")
@@ -47,8 +48,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.calib = ml_collections.ConfigDict(dict(source="real", num_images=32, seed=0))
   w_bits, a_bits = bits[0] if bits else BIT_PRESETS["w8a8"]
   config.quant = quant_config(w_bits=w_bits, a_bits=a_bits)
+  # A reduced schedule for 2 CPU cores (the paper: 10 passes); on with --config.search.enabled=True.
+  config.search = search_config(passes=2)
   if "tiny" in args:
     config.model.update(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32, patch_size=7)
     config.train.update(epochs=1, batch_size=64, eval_every=0)
     config.eval.update(batch_size=100, num_images=200)
+    config.calib.num_images = 8
+    config.search.update(passes=1, generations=2, population=4, children=4, tournament=3)
   return config

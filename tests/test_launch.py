@@ -51,6 +51,14 @@ def test_train_then_eval_gives_the_same_accuracy(tmp_path):
   assert os.path.exists(os.path.join(quantdir, "quantized.npz"))
   assert os.path.exists(os.path.join(quantdir, "quant_params", "sites.json"))
 
+  searchdir = str(tmp_path / "search")
+  launch("--config=configs/fmnist_vit.py:tiny,w4a4", f"--workdir={searchdir}",
+         f"--config.model.checkpoint={workdir}/params.npz", "--config.search.enabled=True")
+  searched = read_json(os.path.join(searchdir, "results.json"))
+  assert [h["block"] for h in searched["search_history"]] == [1, 0]
+  assert all(h["fitness_after"] <= h["fitness_before"] for h in searched["search_history"])
+  assert "minmax_top1" in searched and searched["search_seconds"] > 0
+
 
 @pytest.mark.skipif(not os.path.exists(REFERENCE), reason="reference checkpoint not committed")
 def test_reference_checkpoint_reports_its_recorded_accuracy(tmp_path):
