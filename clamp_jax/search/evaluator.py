@@ -70,10 +70,10 @@ class BlockEvaluator:
     n = min(self.cfg.block_tokens, total)
     return jax.random.choice(key, total, (n,), replace=False)
 
-  def candidate_fitness(self, block: int, qparams: dict, caches: Caches, sample: jax.Array,
-                        candidate: dict) -> jax.Array:
+  def candidate_fitness(self, block: int, params, qparams: dict, caches: Caches,
+                        sample: jax.Array, candidate: dict) -> jax.Array:
     """One candidate's fitness (runs blocks `block..L-1` and the head)."""
-    variables = {"params": self.params, "quant": with_block(qparams, block, candidate)}
+    variables = {"params": params, "quant": with_block(qparams, block, candidate)}
     logits, inter = self.model.apply(variables, caches.block_inputs[block],
                                      return_intermediates=True, start_block=block)
     return fitness(self.cfg, inter["block"][0], caches.fp_blocks[block], logits,
@@ -89,11 +89,12 @@ class BlockEvaluator:
       population = jax.tree_util.tree_map(
           lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], padded - k, axis=0)]), population)
     population = jax.device_put(population, NamedSharding(self.mesh, P("pop")))
-    return self._score(block, population, qparams, caches, sample)[:k]
+    return self._score(block, self.params, population, qparams, caches, sample)[:k]
 
   @functools.partial(jax.jit, static_argnums=(0, 1))
-  def _score(self, block, population, qparams, caches, sample):
-    one = functools.partial(self.candidate_fitness, block, qparams, caches, sample)
+  def _score(self, block, params, population, qparams, caches, sample):
+    """Params are an argument, not a closure, so they are not baked into the program."""
+    one = functools.partial(self.candidate_fitness, block, params, qparams, caches, sample)
 
     def local(pop):  # the candidates on one device
       if self.cfg.chunk_size:
