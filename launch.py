@@ -1,6 +1,6 @@
 """clamp_jax command line.
 
-  python launch.py --config=configs/fmnist_vit.py[:args] --workdir=DIR [--mode=quantize|eval|train]
+  python launch.py --config=configs/fmnist_vit.py[:args] --workdir=DIR [--mode=quantize|generate|eval|train]
                    [--config.a.b=value ...]
 """
 
@@ -16,15 +16,16 @@ from clamp_jax import files
 from clamp_jax.evaluate import evaluate_params
 from clamp_jax.models import build_model
 from clamp_jax.models.checkpoints import load_checkpoint
-from clamp_jax.ptq import quantize
+from clamp_jax.ptq import GENERATED_SOURCES, generate_calibration, quantize
 from clamp_jax.train import train
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/fmnist_vit.py:tiny.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-flags.DEFINE_enum("mode", "quantize", ["quantize", "eval", "train"],
-                  "quantize: calibrate and evaluate the quantized model; eval: float top-1 of "
-                  "config.model.checkpoint; train: train a float model.")
+flags.DEFINE_enum("mode", "quantize", ["quantize", "generate", "eval", "train"],
+                  "quantize: calibrate and evaluate the quantized model; generate: synthesize "
+                  "calibration images (config.calib.source psaq or clamp); eval: float top-1 "
+                  "of config.model.checkpoint; train: train a float model.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -60,6 +61,18 @@ def run_quantize(config, workdir: str) -> dict:
   return r
 
 
+def run_generate(config, workdir: str) -> dict:
+  if config.calib.source not in GENERATED_SOURCES:
+    raise app.UsageError(f"--mode=generate needs config.calib.source in {GENERATED_SOURCES}, "
+                         f"got {config.calib.source!r}")
+  model_cfg, params = load_checkpoint(config.model.checkpoint, config.model)
+  _, report = generate_calibration(config, build_model(model_cfg), params, workdir)
+  print(f"generated {config.calib.num_images} images ({config.calib.source}): FP model "
+        f"mis-predicts {report['misprediction_rate']:.1f}% of targets, "
+        f"{report['steps_per_second']:.2f} steps/s; {workdir}/generated.png", flush=True)
+  return report
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -68,8 +81,9 @@ def main(argv):
   with open(os.path.join(FLAGS.workdir, "config.json"), "w") as f:
     f.write(config.to_json(indent=2))
   logging.info("config:\n%s", config)
-  {"quantize": run_quantize, "eval": run_eval, "train": run_train}[FLAGS.mode](
-      config, FLAGS.workdir)
+  modes = {"quantize": run_quantize, "generate": run_generate, "eval": run_eval,
+           "train": run_train}
+  modes[FLAGS.mode](config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

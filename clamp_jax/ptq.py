@@ -10,11 +10,29 @@ import numpy as np
 from clamp_jax import files
 from clamp_jax.data.calibration import calibration_images
 from clamp_jax.evaluate import evaluate_params
+from clamp_jax.generate import generate, save_png_grid
 from clamp_jax.models import build_model
 from clamp_jax.models.checkpoints import load_checkpoint
 from clamp_jax.models.quantized import calibrate, export_integer
 from clamp_jax.quant import params as qparams_lib
 from clamp_jax.search import search
+
+
+GENERATED_SOURCES = ("psaq", "clamp")
+
+
+def generate_calibration(config: ml_collections.ConfigDict, model, params, workdir: str):
+  """Synthesises `config.calib.num_images` images with `config.calib.source` ("psaq" or
+  "clamp") as the method; writes `generated.npz` (images, targets), `generated.png` and
+  `generate.json` (mis-prediction rate, loss curve, steps/s) to `workdir`."""
+  gen_config = ml_collections.ConfigDict(config.to_dict())
+  gen_config.generate.update(method=config.calib.source, num_images=config.calib.num_images)
+  images, targets, _, report = generate(gen_config, model, params, None)
+  with files.atomic_path(os.path.join(workdir, "generated.npz")) as tmp:
+    np.savez(tmp, images=np.asarray(images), targets=np.asarray(targets))
+  save_png_grid(os.path.join(workdir, "generated.png"), images, config.data.mean, config.data.std)
+  files.write_json(os.path.join(workdir, "generate.json"), report)
+  return images, report
 
 
 def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -23,7 +41,13 @@ def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.time()
   model_cfg, params = load_checkpoint(config.model.checkpoint, config.model)
   model = build_model(model_cfg)
-  images = calibration_images(config)
+  generation = {}
+  if config.calib.source in GENERATED_SOURCES:
+    images, report = generate_calibration(config, model, params, workdir)
+    generation = dict(misprediction_rate=report["misprediction_rate"],
+                      generate_steps_per_second=report["steps_per_second"])
+  else:
+    images = calibration_images(config)
   qparams = jax.block_until_ready(calibrate(model, params, images, config.quant))
   calib_seconds = time.time() - t0
   fp = evaluate_params(config, model, params)
@@ -35,6 +59,7 @@ def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
     extra.update(search_seconds=time.time() - t_search, search_history=history)
   quant = evaluate_params(config, model, params, {"quant": qparams})
   result = dict(fp_top1=fp["top1"], quant_top1=quant["top1"], n=quant["n"], **extra,
+                **generation,
                 calib_source=config.calib.source, calib_images=int(images.shape[0]),
                 calib_seconds=calib_seconds, seconds=time.time() - t0,
                 **qparams_lib.bit_summary(qparams))

@@ -13,6 +13,7 @@ import os
 
 import ml_collections
 
+from clamp_jax.generate import generate_config
 from clamp_jax.models import model_config
 from clamp_jax.models.quantized import quant_config
 from clamp_jax.search import search_config
@@ -48,6 +49,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.calib = ml_collections.ConfigDict(dict(source="real", num_images=32, seed=0))
   w_bits, a_bits = bits[0] if bits else BIT_PRESETS["w8a8"]
   config.quant = quant_config(w_bits=w_bits, a_bits=a_bits)
+  config.generate = generate_config()  # used by config.calib.source=psaq|clamp
   # A reduced schedule for 2 CPU cores (the paper: 10 passes); on with --config.search.enabled=True.
   config.search = search_config(passes=2)
   if "tiny" in args:
@@ -55,5 +57,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.train.update(epochs=1, batch_size=64, eval_every=0)
     config.eval.update(batch_size=100, num_images=200)
     config.calib.num_images = 8
+    config.generate.update(steps=4, refresh_steps=2, warmup_steps=1)
     config.search.update(passes=1, generations=2, population=4, children=4, tournament=3)
   return config

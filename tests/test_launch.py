@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +59,21 @@ def test_train_then_eval_gives_the_same_accuracy(tmp_path):
   assert [h["block"] for h in searched["search_history"]] == [1, 0]
   assert all(h["fitness_after"] <= h["fitness_before"] for h in searched["search_history"])
   assert "minmax_top1" in searched and searched["search_seconds"] > 0
+
+  gendir = str(tmp_path / "generate")
+  launch("--config=configs/fmnist_vit.py:tiny,w4a4", "--mode=generate", f"--workdir={gendir}",
+         f"--config.model.checkpoint={workdir}/params.npz", "--config.calib.source=clamp")
+  report = read_json(os.path.join(gendir, "generate.json"))
+  assert len(report["loss_curve"]) == 4 and 0 <= report["misprediction_rate"] <= 100
+  with np.load(os.path.join(gendir, "generated.npz")) as f:
+    assert f["images"].shape == (8, 28, 28, 1) and f["targets"].shape == (8,)
+  assert os.path.getsize(os.path.join(gendir, "generated.png")) > 0
+
+  psaqdir = str(tmp_path / "psaq")
+  launch("--config=configs/fmnist_vit.py:tiny,w4a8", f"--workdir={psaqdir}",
+         f"--config.model.checkpoint={workdir}/params.npz", "--config.calib.source=psaq")
+  psaq = read_json(os.path.join(psaqdir, "results.json"))
+  assert psaq["calib_source"] == "psaq" and "misprediction_rate" in psaq
 
 
 @pytest.mark.skipif(not os.path.exists(REFERENCE), reason="reference checkpoint not committed")

@@ -22,4 +22,5 @@ def calibration_images(config: ml_collections.ConfigDict) -> np.ndarray:
     images, _ = data_lib.load_arrays(config.data, "train")
     chosen = rng.choice(len(images), calib.num_images, replace=False)
     return normalize(images[np.sort(chosen)], config.data.mean, config.data.std)
-  raise ValueError(f"unknown config.calib.source={calib.source!r}; known: {list(SOURCES)}")
+  raise ValueError(f"unknown config.calib.source={calib.source!r}; known: {list(SOURCES)} "
+                   f"(and the generators 'psaq', 'clamp')")
