@@ -34,9 +34,6 @@ def run_eval(config, workdir: str) -> dict:
   if not config.model.checkpoint:
     raise app.UsageError("--mode=eval needs config.model.checkpoint (a .npz or .safetensors file)")
   model_cfg, params = load_checkpoint(config.model.checkpoint, config.model)
-  config.unlock()
-  config.model = model_cfg
-  config.lock()
   result = evaluate_params(config, build_model(model_cfg), params)
   result["checkpoint"] = config.model.checkpoint
   print(f"float top-1: {result['top1']:.2f}% on {result['n']} images "
