@@ -16,7 +16,7 @@ from clamp_jax import data as data_lib
 from clamp_jax.data.preprocess import channel_stats
 from clamp_jax.evaluate import evaluate_params
 from clamp_jax.models import build_model
-from clamp_jax.models.checkpoints import save_vit_npz
+from clamp_jax.models.checkpoints import load_checkpoint, save_vit_npz
 
 
 @flax.struct.dataclass
@@ -62,6 +62,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   rng = jax.random.PRNGKey(config.seed)
   params = model.init(rng, jnp.zeros((1,) + images_u8.shape[1:], jnp.float32))["params"]
+  if cfg.init_checkpoint:  # fine-tune: start from these weights (same shape as config.model)
+    _, params = load_checkpoint(cfg.init_checkpoint, config.model)
   state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
   @jax.jit

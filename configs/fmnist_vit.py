@@ -43,8 +43,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       name="fashion_mnist", dir="", mean=0.2860, std=0.3530, preset="", tfds_name=""))
   config.train = ml_collections.ConfigDict(dict(
-      epochs=10, batch_size=128, lr=1e-3, warmup_steps=500, weight_decay=0.05,
-      grad_clip=1.0, label_smoothing=0.1, augment_pad=2, augment_flip=True, eval_every=2))
+      epochs=20, batch_size=128, lr=1e-3, warmup_steps=500, weight_decay=0.05,
+      grad_clip=1.0, label_smoothing=0.1, augment_pad=2, augment_flip=True, eval_every=2,
+      init_checkpoint=""))  # fine-tune from this float checkpoint instead of a random init
   config.eval = ml_collections.ConfigDict(dict(batch_size=500, num_images=0, split=""))
   config.calib = ml_collections.ConfigDict(dict(source="real", num_images=32, seed=0))
   w_bits, a_bits = bits[0] if bits else BIT_PRESETS["w8a8"]

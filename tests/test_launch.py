@@ -33,6 +33,16 @@ def test_train_then_eval_gives_the_same_accuracy(tmp_path):
   assert os.path.exists(os.path.join(workdir, "params.npz"))
   assert os.path.isdir(os.path.join(workdir, "train_state"))  # orbax checkpoints
 
+  # Fine-tuning starts from the given weights: with a zero learning rate they come out unchanged.
+  tunedir = str(tmp_path / "tune")
+  launch("--config=configs/fmnist_vit.py:tiny", "--mode=train", f"--workdir={tunedir}",
+         f"--config.train.init_checkpoint={workdir}/params.npz", "--config.train.lr=0.0")
+  with np.load(os.path.join(workdir, "params.npz")) as a, \
+       np.load(os.path.join(tunedir, "params.npz")) as b:
+    assert set(a.files) == set(b.files)
+    for key in a.files:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
   evaldir = str(tmp_path / "eval")
   out = launch("--config=configs/fmnist_vit.py:tiny", "--mode=eval", f"--workdir={evaldir}",
                f"--config.model.checkpoint={workdir}/params.npz")
