@@ -40,16 +40,19 @@ def run(preset: str, source: str, search: bool) -> tuple:
 
 def main(_):
   print("| bits | calibration | search | FP top-1 | quantized top-1 | W bits (weighted) "
-        "| A bits (weighted) | seconds | command |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        "| A bits (weighted) | FP mis-predicts targets | generation steps/s | seconds | command |")
+  print("| --- " * 11 + "|")
   for preset in FLAGS.presets:
     for source in FLAGS.sources:
       for search in ([False, True] if FLAGS.search else [False]):
         r, command = run(preset, source, search)
+        generated = "misprediction_rate" in r
+        mispredicted = f"{r['misprediction_rate']:.1f}%" if generated else "-"
+        rate = f"{r['generate_steps_per_second']:.1f}" if generated else "-"
         print(f"| {preset.upper()} | {source} | {'yes' if search else 'no'} | {r['fp_top1']:.2f} "
               f"| {r['quant_top1']:.2f} | {r['w_bits']:.2f} ({r['w_bits_weighted']:.2f}) "
-              f"| {r['a_bits']:.2f} ({r['a_bits_weighted']:.2f}) | {r['seconds']:.0f} "
-              f"| `{command}` |", flush=True)
+              f"| {r['a_bits']:.2f} ({r['a_bits_weighted']:.2f}) | {mispredicted} | {rate} "
+              f"| {r['seconds']:.0f} | `{command}` |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""Pieces every config shares: the `:ARG` parser, bit presets and the ImageNet model configs.
+
+An ImageNet config is `get_config(arg)` in `configs/NAME.py`, one line over `imagenet_config`;
+arguments after the colon, comma-separated: a bit preset (`w8a8`, `w6a6`, `w4a8`, `w4a4`),
+`mp` (mixed precision under the uniform W4/A8 model's size, search on), `minmax` (no search:
+min-max calibration on the generated images only).
+"""
+
+import ml_collections
+
+from clamp_jax.data.folder import IMAGENET_MEAN, IMAGENET_STD
+from clamp_jax.generate import generate_config
+from clamp_jax.models import model_config
+from clamp_jax.models.quantized import quant_config
+from clamp_jax.search import search_config
+
+BIT_PRESETS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4)}
+MIXED_START = "w4a8"  # mixed precision starts from, and is budgeted against, uniform W4/A8
+
+# (normalisation mean, std) of each evaluation preset of clamp_jax.data.folder
+PRESET_STATS = {"deit": (list(IMAGENET_MEAN), list(IMAGENET_STD)), "vit": (0.5, 0.5)}
+
+
+def parse_args(arg: str, flags=()) -> set:
+  """The comma-separated arguments after the colon; raises ValueError naming unknown ones."""
+  args = {a for a in arg.split(",") if a}
+  known = set(BIT_PRESETS) | {"mp"} | set(flags)
+  unknown = args - known
+  if unknown:
+    raise ValueError(f"unknown config arguments {sorted(unknown)}; known: {sorted(known)}")
+  presets = sorted(args & set(BIT_PRESETS))
+  if len(presets) > 1:
+    raise ValueError(f"give at most one bit preset, got {presets}")
+  return args
+
+
+def quant_from_args(args: set, **overrides) -> ml_collections.ConfigDict:
+  """`config.quant` for the bit preset in `args` (default W8/A8; W4/A8 with `mp`)."""
+  presets = args & set(BIT_PRESETS)
+  name = presets.pop() if presets else (MIXED_START if "mp" in args else "w8a8")
+  w_bits, a_bits = BIT_PRESETS[name]
+  return quant_config(w_bits=w_bits, a_bits=a_bits, mixed="mp" in args, **overrides)
+
+
+def imagenet_config(model_name: str, preset: str, arg: str = "") -> ml_collections.ConfigDict:
+  """The full CLAMP cycle with the paper's schedule for the preset `model_name` on ImageNet.
+
+  Set `config.model.checkpoint` (a vision_transformer/big_vision `.npz` or timm `.safetensors`)
+  and `config.data.dir` (an ImageNet validation folder of class sub-folders), e.g.
+  `--config.model.checkpoint=deit_small_patch16_224.safetensors --config.data.dir=/data/imagenet`.
+  """
+  args = parse_args(arg, flags=("minmax",))
+  mean, std = PRESET_STATS[preset]
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.distributed = False  # True: jax.distributed.initialize() first (multi-host TPU/GPU)
+  config.model = model_config(model_name)
+  config.data = ml_collections.ConfigDict(dict(
+      name="folder", dir="", mean=mean, std=std, preset=preset, tfds_name=""))
+  config.eval = ml_collections.ConfigDict(dict(batch_size=250, num_images=0, split=""))
+  config.calib = ml_collections.ConfigDict(dict(source="clamp", num_images=32, seed=0))
+  config.quant = quant_from_args(args)
+  # The paper's schedule: 500 steps of generation, 50-step refreshes, P = 10, C = 6, K = 15.
+  config.generate = generate_config(steps=500, refresh_steps=50)
+  config.search = search_config(enabled="minmax" not in args)
+  return config
