@@ -16,6 +16,7 @@ from clamp_jax.models.checkpoints import load_checkpoint
 from clamp_jax.models.quantized import calibrate, export_integer
 from clamp_jax.quant import params as qparams_lib
 from clamp_jax.search import search
+from clamp_jax.search.budget import report as budget_report
 
 
 GENERATED_SOURCES = ("psaq", "clamp")
@@ -38,6 +39,8 @@ def generate_calibration(config: ml_collections.ConfigDict, model, params, workd
 def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Min-max PTQ of `config.model.checkpoint`, then the block-wise search when
   `config.search.enabled`; writes results.json, quant_params/, quantized.npz."""
+  if config.quant.mixed and not config.search.enabled:
+    raise ValueError("config.quant.mixed=True searches bits: it needs config.search.enabled=True")
   t0 = time.time()
   model_cfg, params = load_checkpoint(config.model.checkpoint, config.model)
   model = build_model(model_cfg)
@@ -55,14 +58,15 @@ def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.search.enabled:
     extra["minmax_top1"] = evaluate_params(config, model, params, {"quant": qparams})["top1"]
     t_search = time.time()
-    qparams, history = search(model, params, qparams, jax.numpy.asarray(images), config.search)
+    qparams, history = search(model, params, qparams, jax.numpy.asarray(images), config.search,
+                              quant_cfg=config.quant)
     extra.update(search_seconds=time.time() - t_search, search_history=history)
   quant = evaluate_params(config, model, params, {"quant": qparams})
   result = dict(fp_top1=fp["top1"], quant_top1=quant["top1"], n=quant["n"], **extra,
                 **generation,
                 calib_source=config.calib.source, calib_images=int(images.shape[0]),
                 calib_seconds=calib_seconds, seconds=time.time() - t0,
-                **qparams_lib.bit_summary(qparams))
+                **qparams_lib.bit_summary(qparams), **budget_report(qparams))
   qparams_lib.save(os.path.join(workdir, "quant_params"), qparams)
   with files.atomic_path(os.path.join(workdir, "quantized.npz")) as tmp:
     np.savez(tmp, **export_integer(params, qparams))

@@ -6,7 +6,9 @@
   python launch.py --config=configs/fmnist_vit.py:w4a8 --workdir=runs/fmnist_w4a8
 
 Arguments (after a colon, comma-separated): a bit preset `w8a8` (default), `w6a6`, `w4a8`,
-`w4a4`; `tiny` shrinks model and schedule for tests.
+`w4a4`; `mp` searches mixed precision within the uniform W4/A8 model's size (starting from
+`w4a8` unless a bit preset is given; the search is enabled); `tiny` shrinks model and schedule
+for tests.
 """
 
 import os
@@ -27,10 +29,10 @@ BIT_PRESETS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4)}
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = {a for a in arg.split(",") if a}
-  unknown = args - {"tiny"} - set(BIT_PRESETS)
+  unknown = args - {"tiny", "mp"} - set(BIT_PRESETS)
   if unknown:
     raise ValueError(f"unknown config arguments {sorted(unknown)}; "
-                     f"known: {['tiny'] + sorted(BIT_PRESETS)}")
+                     f"known: {['mp', 'tiny'] + sorted(BIT_PRESETS)}")
   bits = [BIT_PRESETS[a] for a in args if a in BIT_PRESETS]
   if len(bits) > 1:
     raise ValueError(f"give at most one bit preset, got {sorted(args & set(BIT_PRESETS))}")
@@ -48,11 +50,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       init_checkpoint=""))  # fine-tune from this float checkpoint instead of a random init
   config.eval = ml_collections.ConfigDict(dict(batch_size=500, num_images=0, split=""))
   config.calib = ml_collections.ConfigDict(dict(source="real", num_images=32, seed=0))
-  w_bits, a_bits = bits[0] if bits else BIT_PRESETS["w8a8"]
-  config.quant = quant_config(w_bits=w_bits, a_bits=a_bits)
+  w_bits, a_bits = bits[0] if bits else BIT_PRESETS["w4a8" if "mp" in args else "w8a8"]
+  config.quant = quant_config(w_bits=w_bits, a_bits=a_bits, mixed="mp" in args)
   config.generate = generate_config()  # used by config.calib.source=psaq|clamp
   # A reduced schedule for 2 CPU cores (the paper: 10 passes); on with --config.search.enabled=True.
-  config.search = search_config(passes=2)
+  config.search = search_config(passes=2, enabled="mp" in args)
   if "tiny" in args:
     config.model.update(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32, patch_size=7)
     config.train.update(epochs=1, batch_size=64, eval_every=0)

@@ -118,3 +118,19 @@ def test_missing_dataset_says_how_to_install(tmp_path):
   result = launch("--config=configs/fmnist_vit.py:tiny", "--mode=train", f"--workdir={tmp_path}",
                   f"--config.data.dir={tmp_path}/nowhere", check=False)
   assert result.returncode != 0 and "apt-get install dataset-fashion-mnist" in result.stderr
+
+
+def test_mixed_precision_preset_reports_its_costs(tmp_path):
+  from clamp_jax.models.checkpoints import save_vit_npz
+  from conftest import random_params, tiny_model_config
+  checkpoint = str(tmp_path / "tiny.npz")
+  save_vit_npz(checkpoint, random_params(tiny_model_config(
+      image_size=28, channels=1, patch_size=7, hidden_size=16, num_layers=2, num_heads=2,
+      mlp_dim=32, num_classes=10)))
+  launch("--config=configs/fmnist_vit.py:tiny,mp", f"--workdir={tmp_path}",
+         f"--config.model.checkpoint={checkpoint}", "--config.calib.source=gaussian",
+         "--config.quant.budget=0.9")
+  result = read_json(os.path.join(tmp_path, "results.json"))
+  assert result["size_vs_w4a8"] <= 0.9 and result["bops_vs_w4a8"] <= 1.0
+  assert all(h["size_vs_w4a8"] <= 0.9 for h in result["search_history"])
+  assert 2 <= result["w_bits_weighted"] < 4 and 4 <= result["a_bits"] <= 8

@@ -22,6 +22,7 @@ from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, flatten, unfla
 OBSERVERS = {"minmax": observers.minmax, "percentile": observers.percentile,
              "omse": observers.omse}
 LN_INPUT_SITES = ("posembed", "residual1", "residual2")  # the values LayerNorms read
+BUDGET_KINDS = ("size", "bops", "both")
 
 
 def quant_config(**overrides) -> ml_collections.ConfigDict:
@@ -35,6 +36,12 @@ def quant_config(**overrides) -> ml_collections.ConfigDict:
       w_observer="minmax", a_observer="minmax",
       softmax_log2=False, softmax_bits=4,  # FQ-ViT log2 quantizer for attention probabilities
       ptf=False, ptf_factors=3,            # FQ-ViT power-of-two factors for LayerNorm inputs
+      # Mixed precision (needs config.search.enabled): the search also mutates each block site's
+      # bits by +-1 (probability bit_mutation_prob) within w_bits_min..w_bits_max (weights) or
+      # a_bits_min..a_bits_max (activations); every kept candidate meets the budget, a fraction
+      # of the uniform W4/A8 model's size (params x w_bits), BOPs (MACs x w_bits x a_bits) or both.
+      mixed=False, w_bits_min=2, w_bits_max=8, a_bits_min=4, a_bits_max=8,
+      bit_mutation_prob=0.2, budget=1.0, budget_kind="size",
   ))
   cfg.update(overrides)
   return cfg
@@ -42,7 +49,8 @@ def quant_config(**overrides) -> ml_collections.ConfigDict:
 
 def validate(qcfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first impossible `config.quant` value."""
-  for field in ("w_bits", "a_bits", "softmax_bits"):
+  for field in ("w_bits", "a_bits", "softmax_bits", "w_bits_min", "w_bits_max", "a_bits_min",
+                "a_bits_max"):
     if not 2 <= qcfg[field] <= 16:
       raise ValueError(f"config.quant.{field}={qcfg[field]} must be between 2 and 16")
   for field in ("first_layer_bits", "last_layer_bits", "image_bits"):
@@ -51,6 +59,22 @@ def validate(qcfg: ml_collections.ConfigDict) -> None:
   for field in ("w_observer", "a_observer"):
     if qcfg[field] not in OBSERVERS:
       raise ValueError(f"config.quant.{field}={qcfg[field]!r}; known: {sorted(OBSERVERS)}")
+  for kind in ("w", "a"):
+    low, high = qcfg[f"{kind}_bits_min"], qcfg[f"{kind}_bits_max"]
+    if low > high:
+      raise ValueError(f"config.quant.{kind}_bits_min={low} exceeds "
+                       f"config.quant.{kind}_bits_max={high}")
+    if qcfg.mixed and not low <= qcfg[f"{kind}_bits"] <= high:
+      raise ValueError(f"config.quant.{kind}_bits={qcfg[f'{kind}_bits']} must lie in "
+                       f"{kind}_bits_min..{kind}_bits_max ({low}..{high}) with mixed precision")
+  if not 0.0 <= qcfg.bit_mutation_prob <= 1.0:
+    raise ValueError(f"config.quant.bit_mutation_prob={qcfg.bit_mutation_prob} must lie in [0, 1]")
+  if qcfg.budget <= 0:
+    raise ValueError(f"config.quant.budget={qcfg.budget} must be positive")
+  if qcfg.budget_kind not in BUDGET_KINDS:
+    raise ValueError(f"config.quant.budget_kind={qcfg.budget_kind!r}; known: {BUDGET_KINDS}")
+  if qcfg.mixed and qcfg.ptf:
+    raise ValueError("config.quant.ptf=True does not combine with config.quant.mixed=True")
 
 
 def site_rule(path: str, qcfg: ml_collections.ConfigDict) -> Optional[dict]:
@@ -96,11 +120,11 @@ def site_params(x: jax.Array, rule: dict, batch: int, qcfg: ml_collections.Confi
   if rule["log2"]:
     return SiteQuant(jnp.ones(()), jnp.zeros(()), bits, **static)
   if rule["ptf"]:
-    scale, zero_point = observers.ptf(x, bits, qcfg.ptf_factors)
-  else:
-    reduce_axes = (0,) if rule["kind"] == WEIGHT else None  # weights: per output channel
-    scale, zero_point = OBSERVERS[rule["observer"]](x, bits, rule["signed"], reduce_axes)
-  return SiteQuant(scale, zero_point, bits, **static)
+    return SiteQuant(*observers.ptf(x, bits, qcfg.ptf_factors), bits, **static)
+  reduce_axes = (0,) if rule["kind"] == WEIGHT else None  # weights: per output channel
+  scale, zero_point = OBSERVERS[rule["observer"]](x, bits, rule["signed"], reduce_axes)
+  lo, hi = observers.minmax_range(jnp.asarray(x, jnp.float32), reduce_axes)
+  return SiteQuant(scale, zero_point, bits, **static, lo=lo, hi=hi)
 
 
 def calibrate(model: nn.Module, params, images: jax.Array,

@@ -19,7 +19,7 @@ def _reduce(fn, x, reduce_axes, **kwargs):
   return fn(x, axis=reduce_axes, keepdims=reduce_axes is not None, **kwargs)
 
 
-def _range_to_grid(lo, hi, bits, signed: bool):
+def range_to_grid(lo, hi, bits, signed: bool):
   """(scale, zero_point) of the grid covering [lo, hi], with lo <= 0 <= hi."""
   qmin, qmax = int_range(bits, signed)
   if signed:
@@ -29,7 +29,8 @@ def _range_to_grid(lo, hi, bits, signed: bool):
   return scale, jnp.clip(jnp.round(-lo / scale), qmin, qmax)
 
 
-def _minmax_range(x, reduce_axes):
+def minmax_range(x, reduce_axes):
+  """[min(x, 0), max(x, 0)] over `reduce_axes`: the range `minmax` covers."""
   lo = jnp.minimum(_reduce(jnp.min, x, reduce_axes), 0.0)
   hi = jnp.maximum(_reduce(jnp.max, x, reduce_axes), 0.0)
   return lo, hi
@@ -43,7 +44,7 @@ def _sq_error(x, scale, zero_point, bits, signed, reduce_axes):
 def minmax(x, bits, signed: bool = False, reduce_axes: Optional[tuple] = None):
   """Grid covering [min(x, 0), max(x, 0)] over `reduce_axes`."""
   x = jnp.asarray(x, jnp.float32)
-  return _range_to_grid(*_minmax_range(x, reduce_axes), bits, signed)
+  return range_to_grid(*minmax_range(x, reduce_axes), bits, signed)
 
 
 def percentile(x, bits, signed: bool = False, reduce_axes: Optional[tuple] = None,
@@ -54,7 +55,7 @@ def percentile(x, bits, signed: bool = False, reduce_axes: Optional[tuple] = Non
   x = jnp.asarray(x, jnp.float32)
   lo = jnp.minimum(_reduce(jnp.percentile, x, reduce_axes, q=100.0 - pct), 0.0)
   hi = jnp.maximum(_reduce(jnp.percentile, x, reduce_axes, q=pct), 0.0)
-  return _range_to_grid(lo, hi, bits, signed)
+  return range_to_grid(lo, hi, bits, signed)
 
 
 def omse(x, bits, signed: bool = False, reduce_axes: Optional[tuple] = None,
@@ -69,10 +70,10 @@ def omse(x, bits, signed: bool = False, reduce_axes: Optional[tuple] = None,
   if not 0.0 < min_shrink <= 1.0:
     raise ValueError(f"min_shrink must lie in (0, 1], got {min_shrink}")
   x = jnp.asarray(x, jnp.float32)
-  lo, hi = _minmax_range(x, reduce_axes)
+  lo, hi = minmax_range(x, reduce_axes)
 
   def candidate(alpha):
-    scale, zero_point = _range_to_grid(lo * alpha, hi * alpha, bits, signed)
+    scale, zero_point = range_to_grid(lo * alpha, hi * alpha, bits, signed)
     return scale, zero_point, _sq_error(x, scale, zero_point, bits, signed, reduce_axes)
 
   alphas = jnp.linspace(min_shrink, 1.0, num_candidates, dtype=jnp.float32)
@@ -98,8 +99,8 @@ def ptf(x, bits, num_factors: int = 3, channel_axis: int = -1):
     raise ValueError(f"channel_axis {channel_axis} is out of range for shape {x.shape}")
   axis = channel_axis % x.ndim
   reduce_axes = tuple(a for a in range(x.ndim) if a != axis)
-  lo, hi = _minmax_range(x, reduce_axes)
-  top_scale, zero_point = _range_to_grid(jnp.min(lo), jnp.max(hi), bits, False)
+  lo, hi = minmax_range(x, reduce_axes)
+  top_scale, zero_point = range_to_grid(jnp.min(lo), jnp.max(hi), bits, False)
   base = top_scale / 2.0 ** num_factors
 
   def candidate(k):

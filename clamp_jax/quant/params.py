@@ -2,14 +2,14 @@
 
 A `QuantParams` is a nested dict laid out like a Flax variable collection (module path ->
 site name -> `SiteQuant`), passed to a model as its `"quant"` collection. Arrays
-(`scale`, `zero_point`, `bits`) are pytree leaves, so `jit` compiles one program for any
-values and `vmap` runs a population of them; the static description (kind, signedness,
-log2, element count) is pytree metadata, kept apart from the arrays.
+(`scale`, `zero_point`, `bits`, the observed range `lo`, `hi`) are pytree leaves, so `jit`
+compiles one program for any values and `vmap` runs a population of them; the static
+description (kind, signedness, log2, element count) is pytree metadata, kept apart from the arrays.
 """
 
 import json
 import os
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import flax
 from flax import struct
@@ -23,6 +23,7 @@ from clamp_jax.quant.log2 import log2_fake_quant
 from clamp_jax.quant.uniform import fake_quant
 
 WEIGHT, ACTIVATION = "weight", "activation"
+ARRAYS = ("scale", "zero_point", "bits", "lo", "hi")  # a `SiteQuant`'s array fields
 
 
 @struct.dataclass
@@ -35,6 +36,10 @@ class SiteQuant:
   signed: bool = struct.field(pytree_node=False, default=False)
   log2: bool = struct.field(pytree_node=False, default=False)
   numel: int = struct.field(pytree_node=False, default=0)  # params, or activations per image
+  # The observed range [lo, hi] (shaped like `scale`), kept to reset the grid by min-max at other
+  # bit widths (mixed precision); None where unknown (log2 sites, sites built elsewhere).
+  lo: Optional[jax.Array] = None
+  hi: Optional[jax.Array] = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Fake-quantizes `x` (straight-through gradient)."""
@@ -84,8 +89,8 @@ def _static(site: SiteQuant) -> dict:
 def save(directory: str, qparams) -> None:
   """Writes the arrays with orbax and the static description as `sites.json`, beside each other."""
   sites = flatten(qparams)
-  arrays = {path: dict(scale=np.asarray(s.scale), zero_point=np.asarray(s.zero_point),
-                       bits=np.asarray(s.bits)) for path, s in sites.items()}
+  arrays = {path: {field: np.asarray(getattr(s, field)) for field in ARRAYS
+                   if getattr(s, field) is not None} for path, s in sites.items()}
   directory = os.path.abspath(directory)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(directory, "arrays"), arrays, force=True)
@@ -99,7 +104,5 @@ def restore(directory: str) -> dict:
     static = json.load(f)
   with ocp.StandardCheckpointer() as checkpointer:
     arrays = checkpointer.restore(os.path.join(directory, "arrays"))
-  return unflatten({path: SiteQuant(jnp.asarray(arrays[path]["scale"]),
-                                    jnp.asarray(arrays[path]["zero_point"]),
-                                    jnp.asarray(arrays[path]["bits"]), **meta)
-                    for path, meta in static.items()})
+  return unflatten({path: SiteQuant(**{f: jnp.asarray(a) for f, a in arrays[path].items()},
+                                    **meta) for path, meta in static.items()})

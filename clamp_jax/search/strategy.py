@@ -7,13 +7,14 @@ under `jit`); their state is a `flax.struct` dataclass (data).
 
 import dataclasses
 import functools
+from typing import Callable
 
 from flax import struct
 import jax
 import jax.numpy as jnp
 
 from clamp_jax.quant.observers import EPS
-from clamp_jax.quant.params import is_site
+from clamp_jax.quant.params import SiteQuant, is_site
 
 
 @struct.dataclass
@@ -30,6 +31,14 @@ def stack(candidates) -> dict:
 def take(population, index) -> dict:
   """Candidate(s) `index` (an int or an index array) of a population."""
   return jax.tree_util.tree_map(lambda a: a[index], population)
+
+
+def map_sites(fn: Callable[[SiteQuant, jax.Array], SiteQuant], key: jax.Array,
+              candidate: dict) -> dict:
+  """`fn(site, key)` on every site of `candidate`, each with its own key."""
+  leaves, tree = jax.tree_util.tree_flatten(candidate, is_leaf=is_site)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree_util.tree_unflatten(tree, [fn(s, k) for s, k in zip(leaves, keys)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,18 +58,15 @@ class EvolQ:
   relative: bool = False
 
   def mutate(self, key: jax.Array, candidate: dict) -> dict:
-    leaves, tree = jax.tree_util.tree_flatten(candidate, is_leaf=is_site)
-    keys = jax.random.split(key, len(leaves))
+    return map_sites(self.mutate_scale, key, candidate)
 
-    def one(site, k):
-      if site.log2:  # the log2 quantizer has no scale
-        return site
-      r = jnp.where(site.bits <= self.low_bits, self.r_low_bits, self.r_high_bits)
-      noise = jax.random.uniform(k, site.scale.shape, minval=-1.0, maxval=1.0) * r
-      scale = site.scale * jnp.abs(1 + noise) if self.relative else jnp.abs(site.scale + noise)
-      return site.replace(scale=jnp.maximum(scale, EPS))
-
-    return jax.tree_util.tree_unflatten(tree, [one(s, k) for s, k in zip(leaves, keys)])
+  def mutate_scale(self, site: SiteQuant, key: jax.Array) -> SiteQuant:
+    if site.log2:  # the log2 quantizer has no scale
+      return site
+    r = jnp.where(site.bits <= self.low_bits, self.r_low_bits, self.r_high_bits)
+    noise = jax.random.uniform(key, site.scale.shape, minval=-1.0, maxval=1.0) * r
+    scale = site.scale * jnp.abs(1 + noise) if self.relative else jnp.abs(site.scale + noise)
+    return site.replace(scale=jnp.maximum(scale, EPS))
 
   @functools.partial(jax.jit, static_argnums=0)
   def initial_population(self, key: jax.Array, center: dict) -> dict:

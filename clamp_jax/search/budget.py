@@ -1,0 +1,87 @@
+"""The mixed-precision budget: model size (params x w_bits) and BOPs (MACs x w_bits x a_bits
+over the weight matmuls) of a ViT's `QuantParams`, relative to the uniform W4/A8 model.
+
+Costs are sums of integers computed on the host in float64, where they are exact, so "within
+budget" is an exact comparison. Arrays may carry a leading population axis `[K]` (a block's
+population placed into the model with `with_block`); the costs then carry it too.
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+
+from clamp_jax.quant.params import WEIGHT, flatten
+
+REFERENCE_BITS = (4, 8)  # (weights, activations) of the model the budget is relative to
+KINDS = {"size": [0], "bops": [1], "both": [0, 1]}  # config.quant.budget_kind -> counted costs
+
+# The activation site each ViT kernel's matmul reads, and whether it reads every token of it
+# (the heads read one pooled vector per image): the first row whose kernel pattern matches and
+# whose input site is quantized. A kernel reading a float input (the patch embedding with
+# config.quant.image_bits=0) counts in size, not in BOPs.
+MATMULS = (
+    (r"(.*)/MultiHeadDotProductAttention_0/(query|key|value)/kernel", r"\1/ln1", True),
+    (r"(.*/MultiHeadDotProductAttention_0)/out/kernel", r"\1/attn_v", True),
+    (r"(.*)/MlpBlock_0/Dense_0/kernel", r"\1/ln2", True),
+    (r"(.*/MlpBlock_0)/Dense_1/kernel", r"\1/gelu", True),
+    (r"embedding/kernel", "image", True),
+    (r"pre_logits/kernel", "Transformer/encoder_norm_out", False),
+    (r"head/kernel", "pre_logits_out", False),
+    (r"head/kernel", "Transformer/encoder_norm_out", False),
+)
+
+
+def matmul_input(path: str, sites: dict):
+  """`(input site, reads every token)` of kernel `path`, or None (float input or no match)."""
+  for pattern, source, every_token in MATMULS:
+    match = re.fullmatch(pattern, path)
+    if match and match.expand(source) in sites:
+      return match.expand(source), every_token
+  return None
+
+
+def costs(qparams, bits=None) -> np.ndarray:
+  """`[..., 2]`: size and BOPs per image; with `bits=(w, a)`, as if every site had those bits."""
+  sites = flatten(qparams)
+
+  def bits_of(site):
+    if bits is not None:
+      return float(bits[0] if site.kind == WEIGHT else bits[1])
+    return np.asarray(site.bits, np.float64)
+
+  size = bops = 0.0
+  for path, site in sites.items():
+    if site.kind != WEIGHT:
+      continue
+    size = size + site.numel * bits_of(site)
+    found = matmul_input(path, sites)
+    if found:
+      source, every_token = found
+      # MACs = tokens x in x out, with tokens = input elements / in = input elements x out / numel.
+      tokens = sites[source].numel * site.scale.shape[-1] // site.numel if every_token else 1
+      bops = bops + tokens * site.numel * bits_of(site) * bits_of(sites[source])
+  return np.stack(np.broadcast_arrays(size, bops), axis=-1)
+
+
+def report(qparams) -> dict:
+  """`size_vs_w4a8`, `bops_vs_w4a8`: the costs relative to the same sites at uniform W4/A8."""
+  relative = costs(qparams) / costs(qparams, REFERENCE_BITS)
+  return dict(size_vs_w4a8=float(relative[0]), bops_vs_w4a8=float(relative[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """At most `limit` times the uniform W4/A8 model's cost, in the costs `kind` counts."""
+  reference: np.ndarray  # [2]: costs of the uniform W4/A8 model
+  limit: float
+  kind: str
+
+  @classmethod
+  def of(cls, qparams, limit: float, kind: str) -> "Budget":
+    return cls(costs(qparams, REFERENCE_BITS), limit, kind)
+
+  def allows(self, qparams) -> np.ndarray:
+    """Whether `qparams` (each candidate, with a population axis) meets the budget."""
+    counted = KINDS[self.kind]
+    return np.all(costs(qparams)[..., counted] <= self.limit * self.reference[counted], axis=-1)

@@ -1,0 +1,87 @@
+"""Mixed precision: a bit-width gene per site, mutated by +-1, the site's grid reset by min-max
+from its observed range when its bits change; and the start lowered into the budget."""
+
+import dataclasses
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+from clamp_jax.quant.observers import range_to_grid
+from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, is_site
+from clamp_jax.search.budget import Budget, report
+from clamp_jax.search.evaluator import block_key, with_block
+from clamp_jax.search.strategy import EvolQ, map_sites
+
+MAX_BITS = 16
+
+
+def with_bits(site: SiteQuant, bits) -> SiteQuant:
+  """`site` at `bits`; where they changed, scale and zero point are min-max's for the new bits."""
+  if site.lo is None:
+    raise ValueError("mixed precision needs each searched site's observed range (lo, hi), "
+                     "which `calibrate` records")
+  bits = jnp.asarray(bits, jnp.float32)
+  scale, zero_point = range_to_grid(site.lo, site.hi, bits, site.signed)
+  changed = bits != site.bits
+  return site.replace(bits=bits, scale=jnp.where(changed, scale, site.scale),
+                      zero_point=jnp.where(changed, zero_point, site.zero_point))
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedEvolQ(EvolQ):
+  """`EvolQ` whose mutation also moves each site's bits by +-1 (each with probability
+  `bit_mutation_prob / 2`) within `w_bits` (weights) or `a_bits` (activations), inclusive.
+  log2 sites keep their bits."""
+  w_bits: Tuple[int, int] = (2, 8)
+  a_bits: Tuple[int, int] = (4, 8)
+  bit_mutation_prob: float = 0.2
+
+  def mutate(self, key: jax.Array, candidate: dict) -> dict:
+    k_scale, k_bits = jax.random.split(key)
+    return map_sites(self.mutate_bits, k_bits, super().mutate(k_scale, candidate))
+
+  def mutate_bits(self, site: SiteQuant, key: jax.Array) -> SiteQuant:
+    if site.log2:
+      return site
+    u, p = jax.random.uniform(key), self.bit_mutation_prob
+    step = jnp.where(u < p / 2, -1.0, jnp.where(u < p, 1.0, 0.0))
+    low, high = self.w_bits if site.kind == WEIGHT else self.a_bits
+    return with_bits(site, jnp.clip(site.bits + step, low, high))
+
+
+def lowered(qparams: dict, num_blocks: int, kind: str, floor: int, steps: int = 1) -> dict:
+  """Every searched (block, not log2) site of `kind` `steps` bits lower, not below `floor`."""
+  def lower(site):
+    if site.kind != kind or site.log2:
+      return site
+    return with_bits(site, jnp.maximum(site.bits - steps, floor))
+
+  for block in range(num_blocks):
+    candidate = jax.tree_util.tree_map(lower, qparams["Transformer"][block_key(block)],
+                                       is_leaf=is_site)
+    qparams = with_block(qparams, block, candidate)
+  return qparams
+
+
+def fit_budget(qparams: dict, budget: Budget, strategy: MixedEvolQ, num_blocks: int) -> dict:
+  """The search's start: `qparams` as they are when within `budget`, else with every searched
+  weight site, then every activation site, lowered one bit at a time until within it.
+
+  Raises ValueError naming config.quant.budget when even the minimum bits exceed it.
+  """
+  floors = ((WEIGHT, strategy.w_bits[0]), (ACTIVATION, strategy.a_bits[0]))
+  lowest = qparams
+  for kind, floor in floors:
+    lowest = lowered(lowest, num_blocks, kind, floor, MAX_BITS)
+  if not budget.allows(lowest):
+    raise ValueError(
+        f"config.quant.budget={budget.limit} ({budget.kind}) is out of reach: with the searched "
+        f"blocks at their minimum bits (w {strategy.w_bits[0]}, a {strategy.a_bits[0]}) the "
+        f"model costs {report(lowest)}")
+  for kind, floor in floors:
+    for _ in range(MAX_BITS):
+      if budget.allows(qparams):
+        return qparams
+      qparams = lowered(qparams, num_blocks, kind, floor)
+  return qparams
