@@ -10,7 +10,7 @@ import pytest
 
 from clamp_jax.models import build_model
 from clamp_jax.models.quantized import calibrate, observe, quant_config, validate
-from clamp_jax.ptq import quantize
+from clamp_jax.pipeline import quantize
 from clamp_jax.quant import observers
 from clamp_jax.quant.params import WEIGHT, flatten
 from clamp_jax.search import Budget, MixedEvolQ, search, search_config

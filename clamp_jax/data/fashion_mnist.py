@@ -26,8 +26,8 @@ def _read_idx(path: str) -> np.ndarray:
   return array.reshape(shape)
 
 
-def load(split: str, data_dir: str = "") -> tuple:
-  """`(images uint8 [N, 28, 28, 1], labels int32 [N])` of split "train" or "test"."""
+def split_files(split: str, data_dir: str = "") -> list:
+  """The image and label files of `split`; raises naming the missing ones and how to install them."""
   if split not in _FILES:
     raise ValueError(f"Fashion-MNIST split must be one of {sorted(_FILES)}, got {split!r}")
   data_dir = data_dir or DEFAULT_DIR
@@ -38,7 +38,13 @@ def load(split: str, data_dir: str = "") -> tuple:
         f"Fashion-MNIST files not found: {missing}. Install them with "
         f"`apt-get install dataset-fashion-mnist` (they go to {DEFAULT_DIR}) "
         f"or set config.data.dir to a directory holding the idx .gz files.")
+  return paths
+
+
+def load(split: str, data_dir: str = "") -> tuple:
+  """`(images uint8 [N, 28, 28, 1], labels int32 [N])` of split "train" or "test"."""
+  paths = split_files(split, data_dir)
   images, labels = (_read_idx(p) for p in paths)
   if len(images) != len(labels):
-    raise ValueError(f"{data_dir}: {len(images)} images but {len(labels)} labels")
+    raise ValueError(f"{os.path.dirname(paths[0])}: {len(images)} images but {len(labels)} labels")
   return images[..., None], labels.astype(np.int32)

@@ -40,7 +40,8 @@ def model_config(name: str = "", **overrides) -> ml_collections.ConfigDict:
   fields = dict(name=name, image_size=224, channels=3, patch_size=16, hidden_size=768,
                 num_layers=12, num_heads=12, mlp_dim=3072, num_classes=1000, pool="tok",
                 representation_size=0, layernorm_epsilon=1e-6, gelu_approximate=False,
-                checkpoint="")
+                checkpoint="",
+                quantized="")  # a run's quantized.npz: --mode=eval evaluates it instead
   fields.update(PRESETS.get(name, {}))
   unknown = set(overrides) - set(fields)
   if unknown:

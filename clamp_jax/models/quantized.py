@@ -2,9 +2,11 @@
 
 Sites are the `quant_site` calls of `vit.py`. Weights: asymmetric per output channel
 (the paper's `(max - min) / (2^b - 1)`), activations per tensor; softmax and LayerNorm
-stay in float unless `softmax_log2` / `ptf` ask otherwise.
+stay in float unless `softmax_log2` / `ptf` ask otherwise. `export_integer` writes the model as
+integer kernels + scales; `load_quantized` reads it back.
 """
 
+import json
 from typing import Dict, Optional
 
 import flax
@@ -14,15 +16,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from clamp_jax.models.checkpoints.loader import checked_params, read_flat
 from clamp_jax.models.vit import OBSERVE
 from clamp_jax.quant import observers
 from clamp_jax.quant.export import from_int, to_int
-from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, flatten, unflatten
+from clamp_jax.quant.params import (ACTIVATION, WEIGHT, SiteQuant, _static, flatten, join,
+                                    unflatten)
 
 OBSERVERS = {"minmax": observers.minmax, "percentile": observers.percentile,
              "omse": observers.omse}
 LN_INPUT_SITES = ("posembed", "residual1", "residual2")  # the values LayerNorms read
 BUDGET_KINDS = ("size", "bops", "both")
+ACTIVATION_FIELDS = ("scale", "zero_point", "bits")  # what the export keeps of an activation site
+SITES_KEY = "quant_sites.json"  # the export's entry of every site's static description
 
 
 def quant_config(**overrides) -> ml_collections.ConfigDict:
@@ -149,25 +155,29 @@ def export_integer(params, qparams) -> Dict[str, np.ndarray]:
 
   `PATH/kernel` becomes `PATH/kernel.int` (the kernel's shape), `PATH/kernel.zero_point`,
   `PATH/kernel.scale` (per output channel) and `PATH/kernel.bits`; activation sites are stored
-  as `quant/SITE.{scale,zero_point,bits}`. `import_integer` inverts it.
+  as `quant/SITE.{scale,zero_point,bits}`; `quant_sites.json` (a string array) holds every site's
+  static description (`{path: {kind, signed, log2, numel}}`). `load_quantized` reads it back.
   """
   arrays = {k: np.asarray(v) for k, v in
             flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/").items()}
-  for path, site in flatten(qparams).items():
+  sites = flatten(qparams)
+  for path, site in sites.items():
     if site.kind == WEIGHT:
       kernel = arrays.pop(path)
       q, zp = to_int(kernel.reshape(-1, site.scale.shape[-1]), site.scale, site.zero_point,
                      site.bits, site.signed)
       arrays[f"{path}.int"] = np.asarray(q).reshape(kernel.shape)
       arrays[f"{path}.zero_point"] = np.asarray(zp)
-    for field in ("scale", "bits") if site.kind == WEIGHT else ("scale", "zero_point", "bits"):
+    for field in ("scale", "bits") if site.kind == WEIGHT else ACTIVATION_FIELDS:
       prefix = path if site.kind == WEIGHT else f"quant/{path}"
       arrays[f"{prefix}.{field}"] = np.asarray(getattr(site, field))
+  static = {path: _static(site) for path, site in sites.items()}
+  arrays[SITES_KEY] = np.array(json.dumps(static, sort_keys=True))
   return arrays
 
 
-def dequantized_params(arrays: Dict[str, np.ndarray]):
-  """Float params from `export_integer`'s arrays, each kernel dequantized from its integers."""
+def _dequantized_flat(arrays: Dict[str, np.ndarray]) -> Dict[str, jax.Array]:
+  """`export_integer`'s float params and dequantized kernels, by `/`-joined name."""
   flat = {}
   for key, value in arrays.items():
     if key.endswith(".int") and not key.startswith("quant/"):
@@ -177,4 +187,38 @@ def dequantized_params(arrays: Dict[str, np.ndarray]):
       flat[path] = jnp.reshape(kernel, value.shape)
     elif "." not in key:  # a float parameter, stored as it was
       flat[key] = jnp.asarray(value)
-  return flax.traverse_util.unflatten_dict(flat, sep="/")
+  return flat
+
+
+def dequantized_params(arrays: Dict[str, np.ndarray]):
+  """Float params from `export_integer`'s arrays, each kernel dequantized from its integers."""
+  return flax.traverse_util.unflatten_dict(_dequantized_flat(arrays), sep="/")
+
+
+def _activation_sites(arrays: Dict[str, np.ndarray], path: str) -> dict:
+  """The `QuantParams` of the activation sites in `export_integer`'s arrays, read from `path`."""
+  if SITES_KEY not in arrays:
+    raise ValueError(f"{path} is not a clamp_jax quantized export: it has no {SITES_KEY!r} "
+                     "(written by export_integer); a float checkpoint loads with load_checkpoint")
+  static = {site: meta for site, meta in json.loads(arrays[SITES_KEY].item()).items()
+            if meta["kind"] == ACTIVATION}
+  missing = [f"quant/{site}.{field}" for site in static for field in ACTIVATION_FIELDS
+             if f"quant/{site}.{field}" not in arrays]
+  if missing:
+    raise ValueError(f"{path} lacks arrays of activation sites listed in {SITES_KEY}: {missing}")
+  return join({site: {field: arrays[f"quant/{site}.{field}"] for field in ACTIVATION_FIELDS}
+               for site in static}, static)
+
+
+def load_quantized(path: str, model_cfg: ml_collections.ConfigDict):
+  """`(model_cfg, params, qparams)` of a `.npz` of `export_integer`'s arrays.
+
+  Kernels come back dequantized in `params` and `qparams` holds the activation sites only. That
+  is exactly the exported model: `from_int(to_int(w)) == fake_quant(w)` and fake quantization is
+  idempotent, so a weight site would leave the dequantized kernel unchanged. The shape is read
+  from the file and checked against the model as `load_checkpoint` does.
+  """
+  arrays = read_flat(path)
+  qparams = _activation_sites(arrays, path)
+  model_cfg, params = checked_params(_dequantized_flat(arrays), model_cfg)
+  return model_cfg, params, qparams

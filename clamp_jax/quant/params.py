@@ -86,15 +86,28 @@ def _static(site: SiteQuant) -> dict:
   return dict(kind=site.kind, signed=site.signed, log2=site.log2, numel=site.numel)
 
 
-def save(directory: str, qparams) -> None:
-  """Writes the arrays with orbax and the static description as `sites.json`, beside each other."""
+def split(qparams) -> Tuple[dict, dict]:
+  """`(arrays, static)` by site path: its arrays (NumPy; fields that are None left out) and its
+  static description, e.g. for a checkpoint of arrays beside a JSON file."""
   sites = flatten(qparams)
   arrays = {path: {field: np.asarray(getattr(s, field)) for field in ARRAYS
                    if getattr(s, field) is not None} for path, s in sites.items()}
+  return arrays, {path: _static(s) for path, s in sites.items()}
+
+
+def join(arrays: dict, static: dict) -> dict:
+  """The `QuantParams` that `split` took apart."""
+  return unflatten({path: SiteQuant(**{f: jnp.asarray(a) for f, a in arrays[path].items()},
+                                    **meta) for path, meta in static.items()})
+
+
+def save(directory: str, qparams) -> None:
+  """Writes the arrays with orbax and the static description as `sites.json`, beside each other."""
+  arrays, static = split(qparams)
   directory = os.path.abspath(directory)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(directory, "arrays"), arrays, force=True)
-  write_json(os.path.join(directory, "sites.json"), {p: _static(s) for p, s in sites.items()})
+  write_json(os.path.join(directory, "sites.json"), static)
 
 
 def restore(directory: str) -> dict:
@@ -104,5 +117,4 @@ def restore(directory: str) -> dict:
     static = json.load(f)
   with ocp.StandardCheckpointer() as checkpointer:
     arrays = checkpointer.restore(os.path.join(directory, "arrays"))
-  return unflatten({path: SiteQuant(**{f: jnp.asarray(a) for f, a in arrays[path].items()},
-                                    **meta) for path, meta in static.items()})
+  return join(arrays, static)

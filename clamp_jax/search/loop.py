@@ -5,7 +5,7 @@ scores inf, so it is never kept; the start is first lowered into the budget (`fi
 """
 
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from absl import logging
 import flax.linen as nn
@@ -22,6 +22,10 @@ from clamp_jax.search.mixed import MixedEvolQ, fit_budget
 from clamp_jax.search.strategy import EvolQ, take
 
 
+Refresh = Callable[[dict, jax.Array], jax.Array]  # (current qparams, key) -> new images
+OnBlock = Callable[[dict, dict, jax.Array], None]  # (history entry, qparams, images)
+
+
 def search_config(**overrides) -> ml_collections.ConfigDict:
   """A `config.search` section with its defaults (the paper's schedule), then `overrides`."""
   cfg = ml_collections.ConfigDict(dict(
@@ -30,6 +34,7 @@ def search_config(**overrides) -> ml_collections.ConfigDict:
       w_block=1.0, w_output=1.0, output_loss="contrastive", temperature=3.0,
       block_tokens=256,   # tokens sampled for the block-local contrastive loss
       chunk_size=0,       # candidates per lax.map step on a device; 0: all at once (vmap)
+      refresh_every=3,    # generations between data refreshes (the CLAMP cycle: C / 2); 0: never
       seed=0))
   cfg.update(overrides)
   return cfg
@@ -44,8 +49,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.search.output_loss={cfg.output_loss!r}; known: {OUTPUT_LOSSES}")
   if cfg.temperature <= 0:
     raise ValueError(f"config.search.temperature={cfg.temperature} must be positive")
-  if cfg.chunk_size < 0:
-    raise ValueError(f"config.search.chunk_size={cfg.chunk_size} must be 0 or positive")
+  for field in ("chunk_size", "refresh_every"):
+    if cfg[field] < 0:
+      raise ValueError(f"config.search.{field}={cfg[field]} must be 0 or positive")
 
 
 def strategy_from(cfg: ml_collections.ConfigDict,
@@ -62,38 +68,63 @@ def strategy_from(cfg: ml_collections.ConfigDict,
 
 
 def search_block(evaluator: BlockEvaluator, strategy: EvolQ, block: int, qparams: dict,
-                 caches, key: jax.Array, generations: int, budget: Optional[Budget] = None):
-  """`generations` generations for one block; returns `(best candidate, start fitness, best
-  fitness)`. Candidates over `budget` (with the rest of `qparams` as it is) score inf.
-  """
-  k_init, k_sample, key = jax.random.split(key, 3)
-  sample = evaluator.token_sample(k_sample, caches)
+                 images: jax.Array, key: jax.Array, cfg: ml_collections.ConfigDict,
+                 budget: Optional[Budget] = None, refresh: Optional[Refresh] = None):
+  """`cfg.generations` generations for one block: `(best candidate, start fitness, best fitness,
+  images)`. Candidates over `budget` (with the rest of `qparams` as it is) score inf.
 
-  def score(population):
+  With `refresh`, every `cfg.refresh_every` generations the images are regenerated against the
+  current model (this block's best in place), the caches rebuilt and the population rescored on
+  the new images, so the best fitness is measured on the images returned.
+  """
+  k_init, k_sample, k_gens = jax.random.split(key, 3)
+
+  def prepare(images, k):  # what the evaluator caches for a set of images
+    caches = evaluator.caches(qparams, images)  # block inputs depend only on earlier blocks
+    return caches, evaluator.token_sample(k, caches)
+
+  def score(population, caches, sample):
     scores = evaluator.score(block, population, qparams, caches, sample)
     if budget is None:
       return scores
     return jnp.where(budget.allows(with_block(qparams, block, population)), scores, jnp.inf)
 
-  center = qparams["Transformer"][block_key(block)]
-  population = strategy.initial_population(k_init, center)
-  scores = score(population)
+  data = prepare(images, k_sample)
+  population = strategy.initial_population(k_init, qparams["Transformer"][block_key(block)])
+  scores = score(population, *data)
   start = float(scores[0])  # the unmutated current candidate
   state = strategy.init(population, scores)
-  for k_gen in jax.random.split(key, generations):
+  for g, k_gen in enumerate(jax.random.split(k_gens, cfg.generations)):
+    if refresh is not None and cfg.refresh_every and g and g % cfg.refresh_every == 0:
+      k_refresh, k_sample = jax.random.split(jax.random.fold_in(k_gen, 1))
+      images = refresh(with_block(qparams, block, take(state.population, 0)), k_refresh)
+      data = prepare(images, k_sample)
+      state = strategy.init(state.population, score(state.population, *data))
     children = strategy.ask(k_gen, state)
-    state = strategy.tell(state, children, score(children))
-  return take(state.population, 0), start, float(state.fitness[0])
+    state = strategy.tell(state, children, score(children, *data))
+  return take(state.population, 0), start, float(state.fitness[0]), images
+
+
+def search_order(cfg: ml_collections.ConfigDict, num_blocks: int) -> List[Tuple[int, int]]:
+  """`(pass, block)` in the order searched: `passes` passes over the blocks, last to first."""
+  return [(p, b) for p in range(cfg.passes) for b in reversed(range(num_blocks))]
 
 
 def search(model: nn.Module, params, qparams: dict, images: jax.Array,
            cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None,
-           on_block: Optional[Callable[[dict], None]] = None,
-           quant_cfg: Optional[ml_collections.ConfigDict] = None):
+           on_block: Optional[OnBlock] = None,
+           quant_cfg: Optional[ml_collections.ConfigDict] = None,
+           refresh: Optional[Refresh] = None, start: int = 0):
   """Searches every block's scales (and bits, when `quant_cfg.mixed`); returns `(qparams,
-  history)`, one history entry per block (with mixed precision, the model's costs after it).
+  history)`, one history entry per block searched (with mixed precision, the model's costs
+  after it).
 
-  The same `cfg.seed` gives the same result whatever the number of devices.
+  `refresh(qparams, key) -> images` regenerates the calibration images against the current
+  model every `cfg.refresh_every` generations (the CLAMP cycle); None keeps them. `start` skips
+  the first `start` blocks of `search_order` (a resumed run passes the `qparams` and `images` it
+  had then); `on_block(entry, qparams, images)` runs after each block. Each block's key depends
+  only on the seed and its position, so a resumed run continues exactly. The same `cfg.seed`
+  gives the same result whatever the number of devices.
   """
   validate(cfg)
   evaluator = BlockEvaluator(model, params, cfg, mesh)
@@ -104,26 +135,24 @@ def search(model: nn.Module, params, qparams: dict, images: jax.Array,
     validate_quant(quant_cfg)
     budget = Budget.of(qparams, quant_cfg.budget, quant_cfg.budget_kind)
     qparams = fit_budget(qparams, budget, strategy, num_blocks)
+  order = search_order(cfg, num_blocks)
   history: List[dict] = []
-  key = jax.random.PRNGKey(cfg.seed)
   t0 = time.time()
-  total = cfg.passes * num_blocks
-  for p in range(cfg.passes):
-    caches = evaluator.caches(qparams, images)  # inputs of block l depend only on blocks < l
-    for block in reversed(range(num_blocks)):
-      key, k_block = jax.random.split(key)
-      best, before, after = search_block(evaluator, strategy, block, qparams, caches, k_block,
-                                         cfg.generations, budget)
-      qparams = with_block(qparams, block, best)
-      done = len(history) + 1
-      elapsed = time.time() - t0
-      entry = dict(pass_=p, block=block, fitness_before=before, fitness_after=after,
-                   elapsed=elapsed, eta=elapsed / done * (total - done),
-                   **(report(qparams) if budget else {}))
-      history.append(entry)
-      logging.info("pass %d/%d block %d: fitness %.5f -> %.5f  elapsed %.0fs  ETA %.0fs%s",
-                   p + 1, cfg.passes, block, before, after, elapsed, entry["eta"],
-                   "".join(f"  {k} {v:.3f}" for k, v in entry.items() if k.endswith("_vs_w4a8")))
-      if on_block:
-        on_block(entry)
+  for position in range(start, len(order)):
+    p, block = order[position]
+    k_block = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), position)
+    best, before, after, images = search_block(evaluator, strategy, block, qparams, images,
+                                               k_block, cfg, budget, refresh)
+    qparams = with_block(qparams, block, best)
+    elapsed = time.time() - t0
+    done = position + 1 - start
+    entry = dict(pass_=p, block=block, fitness_before=before, fitness_after=after,
+                 elapsed=elapsed, eta=elapsed / done * (len(order) - position - 1),
+                 **(report(qparams) if budget else {}))
+    history.append(entry)
+    logging.info("pass %d/%d block %d: fitness %.5f -> %.5f  elapsed %.0fs  ETA %.0fs%s",
+                 p + 1, cfg.passes, block, before, after, elapsed, entry["eta"],
+                 "".join(f"  {k} {v:.3f}" for k, v in entry.items() if k.endswith("_vs_w4a8")))
+    if on_block:
+      on_block(entry, qparams, images)
   return qparams, history

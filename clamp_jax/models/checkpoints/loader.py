@@ -91,6 +91,26 @@ def check_against(flat: Flat, expected: Flat) -> None:
     raise CheckpointMismatchError("\n".join(lines))
 
 
+def checked_params(flat: Flat, model_cfg: ml_collections.ConfigDict):
+  """`(model_cfg, params)` from arrays in our layout: the config updated with the shape they hold,
+  position embeddings resampled to the grid of `model_cfg.image_size`, names and shapes checked
+  against the model (`CheckpointMismatchError`)."""
+  model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  model_cfg.update(infer_shape(flat))
+  grid = model_cfg.image_size // model_cfg.patch_size
+  num_prefix = 1 if model_cfg.pool == "tok" else 0
+  if formats.POSEMB in flat and flat[formats.POSEMB].shape[1] - num_prefix != grid * grid:
+    flat = {**flat, formats.POSEMB: resample_posemb(flat[formats.POSEMB], num_prefix, (grid, grid))}
+  model = build_model(model_cfg)
+  dummy = jax.ShapeDtypeStruct((1, model_cfg.image_size, model_cfg.image_size,
+                                model_cfg.channels), jnp.float32)
+  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
+  check_against(flat, flax.traverse_util.flatten_dict(expected, sep="/"))
+  params = flax.traverse_util.unflatten_dict(
+      {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep="/")
+  return model_cfg, params
+
+
 def load_checkpoint(path: str, model_cfg: ml_collections.ConfigDict):
   """`(model_cfg, params)`: the config updated with the shape the file holds, and the params.
 
@@ -100,18 +120,4 @@ def load_checkpoint(path: str, model_cfg: ml_collections.ConfigDict):
   """
   raw = read_flat(path)
   fmt = formats.detect_format(raw, path)
-  flat = formats.to_ours(raw, fmt, model_cfg.get("num_heads"))
-  model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-  model_cfg.update(infer_shape(flat))
-  grid = model_cfg.image_size // model_cfg.patch_size
-  num_prefix = 1 if model_cfg.pool == "tok" else 0
-  if formats.POSEMB in flat and flat[formats.POSEMB].shape[1] - num_prefix != grid * grid:
-    flat[formats.POSEMB] = resample_posemb(flat[formats.POSEMB], num_prefix, (grid, grid))
-  model = build_model(model_cfg)
-  dummy = jax.ShapeDtypeStruct((1, model_cfg.image_size, model_cfg.image_size,
-                                model_cfg.channels), jnp.float32)
-  expected = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
-  check_against(flat, flax.traverse_util.flatten_dict(expected, sep="/"))
-  params = flax.traverse_util.unflatten_dict(
-      {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep="/")
-  return model_cfg, params
+  return checked_params(formats.to_ours(raw, fmt, model_cfg.get("num_heads")), model_cfg)
