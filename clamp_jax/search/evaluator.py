@@ -52,17 +52,15 @@ class BlockEvaluator:
     self.mesh = mesh or population_mesh()
 
   def caches(self, qparams: dict, images: jax.Array) -> Caches:
-    """Block inputs under `qparams` and the FP targets, from two whole-model forwards."""
-    _, fp = self.model.apply({"params": self.params}, images, return_intermediates=True)
-    fp_logits = self.model.apply({"params": self.params}, images)
-    _, q = self.model.apply({"params": self.params, "quant": qparams}, images,
+    """Block inputs under `qparams` and the FP targets, from whole-model forwards (jitted)."""
+    return self._caches(self.params, qparams, images)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _caches(self, params, qparams: dict, images: jax.Array) -> Caches:
+    fp_logits, fp = self.model.apply({"params": params}, images, return_intermediates=True)
+    _, q = self.model.apply({"params": params, "quant": qparams}, images,
                             return_intermediates=True)
     return Caches(q["block_in"], fp["block"], fp_logits)
-
-  def refresh_block_inputs(self, caches: Caches, qparams: dict, images: jax.Array) -> Caches:
-    _, q = self.model.apply({"params": self.params, "quant": qparams}, images,
-                            return_intermediates=True)
-    return caches.replace(block_inputs=q["block_in"])
 
   def token_sample(self, key: jax.Array, caches: Caches) -> jax.Array:
     """The tokens L_C2 compares (the same for every candidate of a generation)."""
