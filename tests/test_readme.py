@@ -17,3 +17,5 @@ def test_own_flax_model_example_runs(capsys):
   assert set(namespace["qparams"]) == {"fc", "head"}
   assert float(namespace["qparams"]["fc"]["kernel"].bits) == 4
   assert "{'fc': '.*', 'head': '^head$'}" in capsys.readouterr().out
+  history = namespace["history"]
+  assert history[-1]["fitness_after"] <= history[0]["fitness_before"]  # searched: not worse

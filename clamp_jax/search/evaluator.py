@@ -8,7 +8,7 @@ outputs and logits, once per data refresh). Candidates then run blocks `l..L-1` 
 """
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 from flax import struct
 import flax.linen as nn
@@ -41,6 +41,29 @@ def with_block(qparams: dict, block: int, candidate: dict) -> dict:
 def population_mesh(devices=None) -> Mesh:
   """A 1-D mesh over `devices` (default: all) with the axis "pop"."""
   return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("pop",))
+
+
+def score_sharded(score: Callable[[dict], jax.Array], population: dict, mesh: Mesh) -> jax.Array:
+  """`score(population)` `[K]`, the population sharded over "pop" and padded (repeating the last
+  candidate) so every device gets the same count."""
+  k = jax.tree_util.tree_leaves(population)[0].shape[0]
+  padded = -(-k // mesh.devices.size) * mesh.devices.size
+  if padded != k:
+    population = jax.tree_util.tree_map(
+        lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], padded - k, axis=0)]), population)
+  return score(jax.device_put(population, NamedSharding(mesh, P("pop"))))[:k]
+
+
+def map_sharded(one: Callable[[dict], jax.Array], population: dict, mesh: Mesh,
+                chunk_size: int = 0) -> jax.Array:
+  """`one(candidate)` for each candidate (inside `jit`): `vmap`ped, or `lax.map`ped in chunks of
+  `chunk_size`, on each device's share of the "pop" axis."""
+  def local(pop):
+    if chunk_size:
+      return jax.lax.map(one, pop, batch_size=chunk_size)
+    return jax.vmap(one)(pop)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=P("pop"), out_specs=P("pop"))(population)
 
 
 class BlockEvaluator:
@@ -80,23 +103,12 @@ class BlockEvaluator:
   def score(self, block: int, population: dict, qparams: dict, caches: Caches,
             sample: jax.Array) -> jax.Array:
     """Fitness `[K]` of a population for `block`."""
-    k = jax.tree_util.tree_leaves(population)[0].shape[0]
-    n_dev = self.mesh.devices.size
-    padded = -(-k // n_dev) * n_dev
-    if padded != k:  # repeat the last candidate so every device gets the same count
-      population = jax.tree_util.tree_map(
-          lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], padded - k, axis=0)]), population)
-    population = jax.device_put(population, NamedSharding(self.mesh, P("pop")))
-    return self._score(block, self.params, population, qparams, caches, sample)[:k]
+    return score_sharded(
+        lambda pop: self._score(block, self.params, pop, qparams, caches, sample), population,
+        self.mesh)
 
   @functools.partial(jax.jit, static_argnums=(0, 1))
   def _score(self, block, params, population, qparams, caches, sample):
     """Params are an argument, not a closure, so they are not baked into the program."""
     one = functools.partial(self.candidate_fitness, block, params, qparams, caches, sample)
-
-    def local(pop):  # the candidates on one device
-      if self.cfg.chunk_size:
-        return jax.lax.map(one, pop, batch_size=self.cfg.chunk_size)
-      return jax.vmap(one)(pop)
-
-    return jax.shard_map(local, mesh=self.mesh, in_specs=P("pop"), out_specs=P("pop"))(population)
+    return map_sharded(one, population, self.mesh, self.cfg.chunk_size)
