@@ -22,7 +22,6 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clamp_jax.models import build_model, model_config  # noqa: E402

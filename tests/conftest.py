@@ -1,11 +1,33 @@
 """Shared fixtures: tiny models with every parameter random (so no layout mistake hides behind zeros)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from clamp_jax.models import build_model, model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH_TIMEOUT = 600
+
+
+def launch(*args, env=None, check=True):
+  """`python launch.py ARGS` in a subprocess from the repo root, as a user runs it."""
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+  if check and result.returncode != 0:
+    raise AssertionError(f"launch.py {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+  return result
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
 
 
 def tiny_model_config(**overrides):

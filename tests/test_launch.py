@@ -1,28 +1,13 @@
 """launch.py end to end, in subprocesses as a user runs it."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, launch, read_json
+
 REFERENCE = os.path.join(ROOT, "checkpoints", "fmnist_vit.npz")
-
-
-def launch(*args, check=True):
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-  if check and result.returncode != 0:
-    raise AssertionError(f"launch.py {' '.join(args)} failed:\n{result.stderr[-3000:]}")
-  return result
-
-
-def read_json(path):
-  with open(path) as f:
-    return json.load(f)
 
 
 def test_train_then_eval_gives_the_same_accuracy(tmp_path):
