@@ -53,6 +53,17 @@ def random_images(model_cfg, n: int = 3, seed: int = 2):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
+def calibrated_tiny(qcfg):
+  """`(cfg, model, params, images, qparams)`: a random 2-block tiny ViT calibrated by `qcfg` on
+  4 random images."""
+  from clamp_jax.models.quantized import calibrate
+  cfg = tiny_model_config(num_layers=2)
+  model = build_model(cfg)
+  params = random_params(cfg)
+  images = jnp.asarray(random_images(cfg, n=4))
+  return cfg, model, params, images, calibrate(model, params, images, qcfg)
+
+
 @pytest.fixture
 def tiny_cfg():
   return tiny_model_config()

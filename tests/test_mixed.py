@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clamp_jax.models import build_model
 from clamp_jax.models.quantized import calibrate, observe, quant_config, validate
 from clamp_jax.pipeline import quantize
 from clamp_jax.quant import observers
@@ -16,7 +15,7 @@ from clamp_jax.quant.params import WEIGHT, flatten
 from clamp_jax.search import Budget, MixedEvolQ, search, search_config
 from clamp_jax.search.budget import costs, report
 from clamp_jax.search.mixed import with_bits
-from conftest import random_images, random_params, tiny_model_config
+from conftest import calibrated_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(passes=1, generations=3, population=5, children=5, tournament=3, block_tokens=24)
@@ -29,12 +28,7 @@ def mixed_config(**overrides):
 
 @pytest.fixture(scope="module")
 def setup():
-  cfg = tiny_model_config(num_layers=2)
-  model = build_model(cfg)
-  params = random_params(cfg)
-  images = jnp.asarray(random_images(cfg, n=4))
-  qparams = calibrate(model, params, images, mixed_config())
-  return cfg, model, params, images, qparams
+  return calibrated_tiny(mixed_config())
 
 
 @pytest.fixture(scope="module")

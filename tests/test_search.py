@@ -10,13 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clamp_jax.models import build_model
-from clamp_jax.models.quantized import calibrate, quant_config
+from clamp_jax.models.quantized import quant_config
 from clamp_jax.quant.params import flatten
 from clamp_jax.search import BlockEvaluator, EvolQ, search, search_config, with_block
 from clamp_jax.search.fitness import fitness
 from clamp_jax.search.strategy import take
-from conftest import random_images, random_params, tiny_model_config
+from conftest import calibrated_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(passes=1, generations=2, population=4, children=4, tournament=3, block_tokens=24)
@@ -24,12 +23,7 @@ SMALL = dict(passes=1, generations=2, population=4, children=4, tournament=3, bl
 
 @pytest.fixture(scope="module")
 def setup():
-  cfg = tiny_model_config(num_layers=2)
-  model = build_model(cfg)
-  params = random_params(cfg)
-  images = jnp.asarray(random_images(cfg, n=4))
-  qparams = calibrate(model, params, images, quant_config(w_bits=4, a_bits=4))
-  return model, params, images, qparams
+  return calibrated_tiny(quant_config(w_bits=4, a_bits=4))[1:]
 
 
 def block_sites(qparams, block):
@@ -131,16 +125,12 @@ SHARDED_SCRIPT = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
-from conftest import random_images, random_params, tiny_model_config
-from clamp_jax.models import build_model
-from clamp_jax.models.quantized import calibrate, quant_config
+from conftest import calibrated_tiny
+from clamp_jax.models.quantized import quant_config
 from clamp_jax.quant.params import flatten
 from clamp_jax.search import population_mesh, search, search_config
 assert len(jax.devices()) == 8, jax.devices()
-cfg = tiny_model_config(num_layers=2)
-model, params = build_model(cfg), random_params(cfg)
-images = jnp.asarray(random_images(cfg, n=4))
-qparams = calibrate(model, params, images, quant_config(w_bits=4, a_bits=4))
+_, model, params, images, qparams = calibrated_tiny(quant_config(w_bits=4, a_bits=4))
 scfg = search_config(passes=1, generations=2, population=5, children=7, tournament=3, block_tokens=24)
 out = {}
 for n in (1, 8):

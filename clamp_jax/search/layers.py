@@ -20,7 +20,7 @@ from clamp_jax.models.intercept import apply_quantized_layers
 from clamp_jax.search.evaluator import map_sharded, population_mesh, score_sharded
 from clamp_jax.search.fitness import output_loss
 from clamp_jax.search.loop import strategy_from, validate
-from clamp_jax.search.strategy import take
+from clamp_jax.search.strategy import best
 
 
 class LayersEvaluator:
@@ -78,4 +78,4 @@ def search_layers(model: nn.Module, variables: dict, qparams: dict, images: jax.
     logging.info("pass %d/%d: fitness %.5f -> %.5f  elapsed %.0fs", p + 1, cfg.passes, before,
                  after, history[-1]["elapsed"])
     before = after
-  return take(state.population, 0), history
+  return best(state), history

@@ -19,7 +19,7 @@ from clamp_jax.search.budget import Budget, report
 from clamp_jax.search.evaluator import BlockEvaluator, block_key, with_block
 from clamp_jax.search.fitness import OUTPUT_LOSSES
 from clamp_jax.search.mixed import MixedEvolQ, fit_budget
-from clamp_jax.search.strategy import EvolQ, take
+from clamp_jax.search.strategy import EvolQ, best
 
 
 Refresh = Callable[[dict, jax.Array], jax.Array]  # (current qparams, key) -> new images
@@ -97,12 +97,12 @@ def search_block(evaluator: BlockEvaluator, strategy: EvolQ, block: int, qparams
   for g, k_gen in enumerate(jax.random.split(k_gens, cfg.generations)):
     if refresh is not None and cfg.refresh_every and g and g % cfg.refresh_every == 0:
       k_refresh, k_sample = jax.random.split(jax.random.fold_in(k_gen, 1))
-      images = refresh(with_block(qparams, block, take(state.population, 0)), k_refresh)
+      images = refresh(with_block(qparams, block, best(state)), k_refresh)
       data = prepare(images, k_sample)
       state = strategy.init(state.population, score(state.population, *data))
     children = strategy.ask(k_gen, state)
     state = strategy.tell(state, children, score(children, *data))
-  return take(state.population, 0), start, float(state.fitness[0]), images
+  return best(state), start, float(state.fitness[0]), images
 
 
 def search_order(cfg: ml_collections.ConfigDict, num_blocks: int) -> List[Tuple[int, int]]:

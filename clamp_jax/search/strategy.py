@@ -12,6 +12,7 @@ from typing import Callable
 from flax import struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clamp_jax.quant.observers import EPS
 from clamp_jax.quant.params import SiteQuant, is_site
@@ -31,6 +32,13 @@ def stack(candidates) -> dict:
 def take(population, index) -> dict:
   """Candidate(s) `index` (an int or an index array) of a population."""
   return jax.tree_util.tree_map(lambda a: a[index], population)
+
+
+def best(state: "EvoState") -> dict:
+  """The best candidate as plain arrays on the default device, not in the population's
+  sharding: programs compiled for unsharded QuantParams (the generator's step, the evaluator
+  of the next block) are then reused instead of compiled again for another sharding."""
+  return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a[0])), state.population)
 
 
 def map_sites(fn: Callable[[SiteQuant, jax.Array], SiteQuant], key: jax.Array,
