@@ -5,7 +5,8 @@
 (a) Evol-Q style: the whole quantized model, one candidate at a time;
 (b) block-cached, one candidate at a time (blocks l..L-1 and the head from the cached input);
 (c) block-cached, the population vmapped on one device;
-(d) (c) sharded over 2 host devices (`--xla_force_host_platform_device_count=2`).
+(d) (c) sharded over 2 host devices (`--xla_force_host_platform_device_count=2`);
+(e) block-cached, one program scoring the population with `lax.map` in chunks of --chunk.
 Also the evaluator's achieved FLOP/s (XLA's cost analysis / measured time) beside a plain
 float32 matmul's FLOP/s measured in the same run. Prints a markdown table.
 """
@@ -36,6 +37,7 @@ flags.DEFINE_list("models", ["reference", "deit_s"], "reference and/or deit_s")
 flags.DEFINE_integer("population", 16, "candidates per measurement")
 flags.DEFINE_integer("images", 32, "calibration images (reference model)")
 flags.DEFINE_integer("deit_images", 8, "calibration images (DeiT-S at 224)")
+flags.DEFINE_integer("chunk", 1, "candidates per lax.map step of row (e) (config.search.chunk_size)")
 flags.DEFINE_integer("repeats", 3, "timed repetitions (best is reported)")
 FLAGS = flags.FLAGS
 
@@ -80,6 +82,8 @@ def measure(name):
   k = FLAGS.population
   one_device = BlockEvaluator(model, params, cfg, population_mesh(jax.devices()[:1]))
   two_devices = BlockEvaluator(model, params, cfg, population_mesh(jax.devices()[:2]))
+  chunked = BlockEvaluator(model, params, search_config(block_tokens=256, chunk_size=FLAGS.chunk),
+                           population_mesh(jax.devices()[:1]))
   caches = one_device.caches(qparams, images)
   sample = one_device.token_sample(jax.random.PRNGKey(0), caches)
   population = EvolQ(population_size=k).initial_population(
@@ -103,6 +107,8 @@ def measure(name):
       "(c) block-cached, vmapped": lambda: one_device.score(block, population, qparams, caches, sample),
       "(d) vmapped, sharded over 2 devices": lambda: two_devices.score(block, population, qparams,
                                                                        caches, sample),
+      f"(e) block-cached, lax.map in chunks of {FLAGS.chunk}": lambda: chunked.score(
+          block, population, qparams, caches, sample),
   }
   flops_c = BlockEvaluator._score.lower(one_device, block, params, population, qparams, caches, sample) \
       .compile().cost_analysis()
