@@ -119,3 +119,29 @@ def test_mixed_precision_preset_reports_its_costs(tmp_path):
   assert result["size_vs_w4a8"] <= 0.9 and result["bops_vs_w4a8"] <= 1.0
   assert all(h["size_vs_w4a8"] <= 0.9 for h in result["search_history"])
   assert 2 <= result["w_bits_weighted"] < 4 and 4 <= result["a_bits"] <= 8
+
+
+def test_distributed_config_initialises_jax_distributed_first(monkeypatch, tmp_path):
+  """`config.distributed=True` calls `jax.distributed.initialize()` before anything else
+  (here a stand-in that stops the run, so nothing is written)."""
+  import importlib.util
+  import jax
+
+  class Initialised(Exception):
+    pass
+
+  def initialize(*args, **kwargs):
+    raise Initialised(args, kwargs)
+
+  monkeypatch.syspath_prepend(ROOT)
+  monkeypatch.setattr(jax.distributed, "initialize", initialize)
+  spec = importlib.util.spec_from_file_location("launch_under_test", os.path.join(ROOT, "launch.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  workdir = tmp_path / "run"
+  module.FLAGS(["launch.py", f"--config={ROOT}/configs/fmnist_vit.py:tiny", f"--workdir={workdir}"])
+  module.FLAGS.config.distributed = True
+  with pytest.raises(Initialised):
+    module.main(["launch.py"])
+  assert not workdir.exists()
+  module.FLAGS.unparse_flags()

@@ -12,7 +12,7 @@ import pytest
 
 from clamp_jax.models.quantized import quant_config
 from clamp_jax.quant.params import flatten
-from clamp_jax.search import BlockEvaluator, EvolQ, search, search_config, with_block
+from clamp_jax.search import BlockEvaluator, EvolQ, population_mesh, search, search_config, with_block
 from clamp_jax.search.fitness import fitness
 from clamp_jax.search.strategy import take
 from conftest import calibrated_tiny
@@ -158,3 +158,47 @@ def test_impossible_search_settings_are_named(setup, field, value):
   model, params, images, qparams = setup
   with pytest.raises(ValueError, match=f"config.search.{field}"):
     search(model, params, qparams, images, search_config(**{field: value}))
+
+
+MULTI_PROCESS_SCRIPT = """
+import json, sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]), initialization_timeout=120)
+import numpy as np
+sys.path.insert(0, "tests")
+from conftest import calibrated_tiny
+from clamp_jax.models.quantized import quant_config
+from clamp_jax.quant.params import flatten
+from clamp_jax.search import population_mesh, search, search_config
+assert len(jax.devices()) == 2 and len(jax.local_devices()) == 1, jax.devices()
+_, model, params, images, qparams = calibrated_tiny(quant_config(w_bits=4, a_bits=4))
+scfg = search_config(passes=1, generations=2, population=5, children=7, tournament=3, block_tokens=24)
+searched, _ = search(model, params, qparams, images, scfg, mesh=population_mesh())
+print(json.dumps({p: np.asarray(s.scale).tolist() for p, s in flatten(searched).items()}))
+"""
+
+
+def test_two_process_search_over_jax_distributed_equals_one_device(setup):
+  """Two processes (one CPU device each) joined by jax.distributed share the population: both
+  end with the result of a one-device run."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  procs = [subprocess.Popen([sys.executable, "-c", MULTI_PROCESS_SCRIPT, address, str(i)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  model, params, images, qparams = setup
+  scfg = search_config(passes=1, generations=2, population=5, children=7, tournament=3,
+                       block_tokens=24)
+  single, _ = search(model, params, qparams, images, scfg, mesh=population_mesh(jax.devices()[:1]))
+  for out, _ in outs:
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result.keys() == flatten(single).keys()
+    for path, site in flatten(single).items():
+      np.testing.assert_array_equal(np.asarray(result[path]), np.asarray(site.scale), err_msg=path)
