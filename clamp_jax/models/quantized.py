@@ -20,8 +20,8 @@ from clamp_jax.models.checkpoints.loader import checked_params, read_flat
 from clamp_jax.models.vit import OBSERVE
 from clamp_jax.quant import observers
 from clamp_jax.quant.export import from_int, to_int
-from clamp_jax.quant.params import (ACTIVATION, WEIGHT, SiteQuant, _static, flatten, join,
-                                    unflatten)
+from clamp_jax.quant.params import (ACTIVATION, WEIGHT, SiteQuant, flatten, join,
+                                    static_description, unflatten)
 
 OBSERVERS = {"minmax": observers.minmax, "percentile": observers.percentile,
              "omse": observers.omse}
@@ -171,7 +171,7 @@ def export_integer(params, qparams) -> Dict[str, np.ndarray]:
     for field in ("scale", "bits") if site.kind == WEIGHT else ACTIVATION_FIELDS:
       prefix = path if site.kind == WEIGHT else f"quant/{path}"
       arrays[f"{prefix}.{field}"] = np.asarray(getattr(site, field))
-  static = {path: _static(site) for path, site in sites.items()}
+  static = {path: static_description(site) for path, site in sites.items()}
   arrays[SITES_KEY] = np.array(json.dumps(static, sort_keys=True))
   return arrays
 

@@ -82,7 +82,8 @@ def bit_summary(qparams) -> dict:
   return out
 
 
-def _static(site: SiteQuant) -> dict:
+def static_description(site: SiteQuant) -> dict:
+  """What a site is, apart from its arrays: `{kind, signed, log2, numel}`."""
   return dict(kind=site.kind, signed=site.signed, log2=site.log2, numel=site.numel)
 
 
@@ -92,7 +93,7 @@ def split(qparams) -> Tuple[dict, dict]:
   sites = flatten(qparams)
   arrays = {path: {field: np.asarray(getattr(s, field)) for field in ARRAYS
                    if getattr(s, field) is not None} for path, s in sites.items()}
-  return arrays, {path: _static(s) for path, s in sites.items()}
+  return arrays, {path: static_description(s) for path, s in sites.items()}
 
 
 def join(arrays: dict, static: dict) -> dict:
