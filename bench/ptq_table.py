@@ -6,9 +6,12 @@ a markdown table.
       --rows=gaussian:no,real:no,psaq:no,clamp:no,clamp:yes
 
 A row `SOURCE:yes` runs the block-wise search (with `clamp`/`psaq`, the full cycle: the images
-are refreshed during the search); `SOURCE:no` is min-max calibration only. The `mp` preset
-searches bits, so only its `:yes` rows run. Each row names the exact command that produced it;
-results stay in --workdir/<row>/results.json.
+are refreshed during the search); `SOURCE:no` is min-max calibration only. The `mp` presets
+(`mp`, or `mp+w4a4` for mixed precision under the uniform W4/A4 model) search bits, so only
+their `:yes` rows run. With `--seeds=N` each row runs N times
+(`--config.{calib,generate,search}.seed=S` for S in 0..N-1) and shows the mean and the range
+(min..max). Each row names the exact command that produced it (seed 0's); results stay in
+--workdir/<row>_s<S>/results.json.
 """
 
 import json
@@ -17,6 +20,7 @@ import subprocess
 import sys
 
 from absl import app, flags
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,14 +29,17 @@ flags.DEFINE_list("presets", ["w8a8", "w6a6", "w4a8", "w4a4"], "bit presets of t
 flags.DEFINE_list("rows", ["real:no", "gaussian:no"], "SOURCE:SEARCH pairs, SEARCH yes or no")
 flags.DEFINE_list("overrides", [], "extra --config.a.b=v flags for every run")
 flags.DEFINE_string("workdir", "runs/bench", "parent of the runs' workdirs")
+flags.DEFINE_integer("seeds", 1, "runs per row (config.seed 0..seeds-1)")
 FLAGS = flags.FLAGS
 
 
-def run(preset: str, source: str, search: bool) -> tuple:
-  name = f"{preset}_{source}" + ("_search" if search else "")
+def run(preset: str, source: str, search: bool, seed: int) -> tuple:
+  name = f"{preset}_{source}" + ("_search" if search else "") + f"_s{seed}"
   workdir = os.path.join(FLAGS.workdir, name)
-  args = [f"--config={FLAGS.config}:{preset}", f"--workdir={workdir}",
-          f"--config.calib.source={source}", f"--config.search.enabled={search}"]
+  args = [f"--config={FLAGS.config}:{preset.replace('+', ',')}", f"--workdir={workdir}",
+          f"--config.calib.source={source}", f"--config.search.enabled={search}",
+          f"--config.calib.seed={seed}", f"--config.generate.seed={seed}",
+          f"--config.search.seed={seed}"]
   args += [f"--config.{o}" for o in FLAGS.overrides]
   command = "python launch.py " + " ".join(args)
   done = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT,
@@ -43,30 +50,39 @@ def run(preset: str, source: str, search: bool) -> tuple:
     return json.load(f), command
 
 
-def row(preset: str, source: str, search: bool, r: dict, command: str) -> str:
+def spread(values) -> str:
+  v = np.asarray(values, np.float64)
+  return f"{v.mean():.2f}" if len(v) == 1 else f"{v.mean():.2f} ({v.min():.2f}..{v.max():.2f})"
+
+
+def row(preset: str, source: str, search: bool, runs: list, command: str) -> str:
+  r = runs[0]
   generated = "misprediction_rate" in r
-  mispredicted = f"{r['misprediction_rate']:.1f}%" if generated else "-"
+  mispredicted = spread([x["misprediction_rate"] for x in runs]) + "%" if generated else "-"
   rate = f"{r['generate_steps_per_second']:.1f}" if generated else "-"
-  return (f"| {preset.upper()} | {source} | {'yes' if search else 'no'} | {r['fp_top1']:.2f} "
-          f"| {r['quant_top1']:.2f} | {r['w_bits']:.2f} ({r['w_bits_weighted']:.2f}) "
+  start = spread([x["minmax_top1"] for x in runs]) if "minmax_top1" in r else "-"
+  return (f"| {preset.upper()} | {r.get('sites', '')} | {source} | {'yes' if search else 'no'} "
+          f"| {r['fp_top1']:.2f} | {spread([x['quant_top1'] for x in runs])} | {start} "
+          f"| {r['w_bits']:.2f} ({r['w_bits_weighted']:.2f}) "
           f"| {r['a_bits']:.2f} ({r['a_bits_weighted']:.2f}) | {r['size_vs_w4a8']:.3f} "
-          f"| {mispredicted} | {rate} | {r['seconds']:.0f} | `{command}` |")
+          f"| {r['bops_vs_w4a8']:.3f} | {mispredicted} | {rate} "
+          f"| {spread([x['seconds'] for x in runs])} | `{command}` |")
 
 
 def main(_):
-  print("| bits | calibration | search | FP top-1 | quantized top-1 | W bits (weighted) "
-        "| A bits (weighted) | size vs W4/A8 | FP mis-predicts targets | generation steps/s "
-        "| seconds | command |")
-  print("| --- " * 12 + "|")
+  print("| bits | sites | calibration | search | FP top-1 | quantized top-1 | start (min-max) top-1 "
+        "| W bits (weighted) | A bits (weighted) | size vs W4/A8 | BOPs vs W4/A8 "
+        "| FP mis-predicts targets | generation steps/s | seconds | command |")
+  print("| --- " * 15 + "|")
   for preset in FLAGS.presets:
     for spec in FLAGS.rows:
       source, search = spec.split(":")
       if search not in ("yes", "no"):
         raise app.UsageError(f"--rows: {spec!r} must be SOURCE:yes or SOURCE:no")
-      if preset == "mp" and search == "no":
+      if preset.startswith("mp") and search == "no":
         continue
-      r, command = run(preset, source, search == "yes")
-      print(row(preset, source, search == "yes", r, command), flush=True)
+      runs = [run(preset, source, search == "yes", seed) for seed in range(FLAGS.seeds)]
+      print(row(preset, source, search == "yes", [r for r, _ in runs], runs[0][1]), flush=True)
 
 
 if __name__ == "__main__":

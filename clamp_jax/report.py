@@ -54,14 +54,14 @@ def read_metrics(workdir: str) -> list:
 
 def markdown_table(results: Dict) -> str:
   """One-row markdown table of a run's `results.json`: top-1 and plain/weighted bits."""
-  header = ("| model | FP top-1 | quantized top-1 | W bits (weighted) | A bits (weighted) "
+  header = ("| model | FP top-1 | quantized top-1 | sites | W bits (weighted) | A bits (weighted) "
             "| calibration | search | seconds |")
   search = "yes" if results.get("search_history") else "no"
   row = (f"| {results.get('model', '')} | {results['fp_top1']:.2f} | {results['quant_top1']:.2f} "
-         f"| {results['w_bits']:.2f} ({results['w_bits_weighted']:.2f}) "
+         f"| {results.get('sites', '')} | {results['w_bits']:.2f} ({results['w_bits_weighted']:.2f}) "
          f"| {results['a_bits']:.2f} ({results['a_bits_weighted']:.2f}) "
          f"| {results['calib_source']} | {search} | {results['seconds']:.0f} |")
-  return "\n".join([header, "| --- " * 8 + "|", row])
+  return "\n".join([header, "| --- " * 9 + "|", row])
 
 
 def plot_bits(path: str, qparams) -> None:

@@ -26,6 +26,7 @@ class RunState:
   gen_state: Optional[GenState]  # the generator, for warm-started refreshes (generated sources)
   history: list                 # one entry per block done
   info: dict                    # what the start measured (calibration seconds, generation report)
+  reparam: dict = dataclasses.field(default_factory=dict)  # LayerNorm folds (models.reparam)
 
 
 class RunCheckpoints:
@@ -39,6 +40,8 @@ class RunCheckpoints:
   def save(self, state: RunState) -> None:
     q_arrays, sites = qparams_lib.split(state.qparams)
     arrays = dict(qparams=q_arrays, images=np.asarray(state.images))
+    if state.reparam:
+      arrays["reparam"] = state.reparam
     if state.gen_state is not None:
       arrays["gen_params"] = jax.device_get(state.gen_state.gen_params)
       arrays["targets"] = np.asarray(state.gen_state.targets)
@@ -60,7 +63,8 @@ class RunCheckpoints:
     if meta["has_generator"]:
       gen_state = GenState(arrays["gen_params"], arrays["targets"])
     return RunState(meta["position"], qparams_lib.join(arrays["qparams"], meta["sites"]),
-                    arrays["images"], gen_state, meta["history"], meta["info"])
+                    arrays["images"], gen_state, meta["history"], meta["info"],
+                    arrays.get("reparam", {}))
 
   def close(self) -> None:
     self.manager.close()

@@ -1,8 +1,10 @@
 """Pieces every config shares: the `:ARG` parser, bit presets and the ImageNet model configs.
 
 An ImageNet config is `get_config(arg)` in `configs/NAME.py`, one line over `imagenet_config`;
-arguments after the colon, comma-separated: a bit preset (`w8a8`, `w6a6`, `w4a8`, `w4a4`),
-`mp` (mixed precision under the uniform W4/A8 model's size, search on), `minmax` (no search:
+arguments after the colon, comma-separated: a bit preset (`w8a8`, `w6a6`, `w4a8`, `w4a4`,
+`w3a8`, `w3a4`, `w4a3`, `w3a3`, `w2a8`; all in the `matmul` protocol of `config.quant.sites`),
+`mp` (mixed precision under the uniform W4/A8 model's size, search on; with a bit preset, from
+that preset and under its own size and BOPs), `minmax` (no search:
 min-max calibration on the generated images only).
 """
 
@@ -14,7 +16,8 @@ from clamp_jax.models import model_config
 from clamp_jax.models.quantized import quant_config
 from clamp_jax.search import search_config
 
-BIT_PRESETS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4)}
+BIT_PRESETS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4), "w3a8": (3, 8),
+               "w3a4": (3, 4), "w4a3": (4, 3), "w3a3": (3, 3), "w2a8": (2, 8)}
 MIXED_START = "w4a8"  # mixed precision starts from, and is budgeted against, uniform W4/A8
 
 # (normalisation mean, std) of each evaluation preset of clamp_jax.data.folder
@@ -35,10 +38,14 @@ def parse_args(arg: str, flags=()) -> set:
 
 
 def quant_from_args(args: set, **overrides) -> ml_collections.ConfigDict:
-  """`config.quant` for the bit preset in `args` (default W8/A8; W4/A8 with `mp`)."""
-  presets = args & set(BIT_PRESETS)
-  name = presets.pop() if presets else (MIXED_START if "mp" in args else "w8a8")
+  """`config.quant` for the bit preset in `args` (default W8/A8). `mp` alone: mixed precision
+  from W4/A8 within its size; `mp` with a preset: from the preset, within its size and BOPs."""
+  named = args & set(BIT_PRESETS)
+  name = next(iter(named)) if named else (MIXED_START if "mp" in args else "w8a8")
   w_bits, a_bits = BIT_PRESETS[name]
+  if "mp" in args and named:  # budgeted against the preset's own uniform model
+    overrides = dict(dict(budget_w_bits=w_bits, budget_a_bits=a_bits, budget_kind="both",
+                          a_bits_min=min(a_bits, 4)), **overrides)
   return quant_config(w_bits=w_bits, a_bits=a_bits, mixed="mp" in args, **overrides)
 
 

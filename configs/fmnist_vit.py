@@ -6,7 +6,7 @@
   python launch.py --config=configs/fmnist_vit.py --mode=train --workdir=runs/fmnist_train
 
 Arguments (after a colon, comma-separated): a bit preset `w8a8` (default), `w6a6`, `w4a8`,
-`w4a4`; `mp` searches mixed precision within the uniform W4/A8 model's size (starting from
+`w4a4`, `w3a8`, `w3a4`, `w4a3`, `w3a3`, `w2a8` (protocol `config.quant.sites`, `matmul`); `mp` searches mixed precision within the uniform W4/A8 model's size (starting from
 `w4a8` unless a bit preset is given); `minmax` turns the search off (min-max calibration on the
 generated images only); `paper` uses the paper's schedule (10 passes, 50-step refreshes) instead
 of the reduced one that fits 2 CPU cores; `tiny` shrinks model and schedule for tests.
@@ -44,10 +44,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.calib = ml_collections.ConfigDict(dict(source="clamp", num_images=32, seed=0))
   config.quant = quant_from_args(args)
   config.generate = generate_config()
-  # Relative mutation (scale * |1 + U(-r, r)|): on the training split it beat Evol-Q's absolute
-  # 1e-3/1e-4 at W4/A4 (BENCHMARKS.md); the ImageNet configs keep Evol-Q's.
-  config.search = search_config(enabled="minmax" not in args, relative=True, r_low_bits=0.05,
-                                r_high_bits=0.01)
+  config.search = search_config(enabled="minmax" not in args)
   if "paper" not in args:  # reduced schedule: the full cycle in under 15 minutes on 2 CPU cores
     config.generate.update(refresh_steps=25)
     config.search.update(passes=3)

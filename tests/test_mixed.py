@@ -23,7 +23,7 @@ TIGHT = dict(budget=0.85, budget_kind="both")
 
 
 def mixed_config(**overrides):
-  return quant_config(**dict(dict(w_bits=4, a_bits=8, mixed=True, softmax_log2=True), **overrides))
+  return quant_config(**dict(dict(w_bits=4, a_bits=8, mixed=True, softmax="log2"), **overrides))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_mutated_bits_stay_in_the_candidate_set_and_move_by_at_most_one(setup):
   for path, site in flatten(center).items():
     mutated = flatten(children)[path]
     step = np.asarray(mutated.bits) - np.asarray(site.bits)
-    if site.log2:
+    if not site.uniform:
       assert not step.any(), path
       continue
     low, high = (3, 5) if site.kind == WEIGHT else (4, 8)
@@ -72,7 +72,7 @@ def test_a_bit_change_resets_scale_and_zero_point_to_min_max(setup):
   prefix = "Transformer/encoderblock_0/"
   changed = 0
   for path, site in flatten(center).items():
-    if site.log2:
+    if not site.uniform:
       continue
     mutated = flatten(population)[path]
     for i in range(1, 20):

@@ -175,6 +175,7 @@ def test_finished_run_writes_results_and_report(reference):
               "size_vs_w4a8", "seconds", "misprediction_rate"):
     assert isinstance(results[key], (int, float)), key
   assert (results["w_bits"], results["calib_source"], results["n"]) == (4, "clamp", NUM_EVAL)
+  assert (results["sites"], results["reparam"]) == ("matmul", True)  # the protocol is named
   assert 4 <= results["a_bits"] <= 8 and results["seconds"] > 0
   assert 0 <= results["quant_top1"] <= 100 and 0 <= results["misprediction_rate"] <= 100
   assert [(h["pass_"], h["block"]) for h in results["search_history"]] == \
@@ -182,8 +183,8 @@ def test_finished_run_writes_results_and_report(reference):
 
   with open(os.path.join(reference, "report.md")) as f:
     report = f.read()
-  assert "| quantized top-1 |" in report
-  assert f"| {results['fp_top1']:.2f} | {results['quant_top1']:.2f} |" in report
+  assert "| quantized top-1 | sites |" in report
+  assert f"| {results['fp_top1']:.2f} | {results['quant_top1']:.2f} | matmul |" in report
   for name in ("bits.png", "generated.png"):
     with open(os.path.join(reference, name), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", name

@@ -25,7 +25,7 @@ def export_to(path, model_cfg, qcfg):
 
 
 @pytest.mark.parametrize("qcfg", [quant_config(w_bits=4, a_bits=8),
-                                  quant_config(w_bits=8, a_bits=8, softmax_log2=True, ptf=True)],
+                                  quant_config(sites="all", w_bits=8, a_bits=8, softmax="log2", ptf=True)],
                          ids=["w4a8", "w8a8_log2_ptf"])
 def test_loaded_export_gives_the_quantized_logits_exactly(tmp_path, tiny_cfg, qcfg):
   path = tmp_path / "quantized.npz"
@@ -45,12 +45,12 @@ def test_loaded_export_gives_the_quantized_logits_exactly(tmp_path, tiny_cfg, qc
 
 
 def test_export_describes_every_site(tmp_path, tiny_cfg):
-  _, _, qparams = export_to(tmp_path / "q.npz", tiny_cfg, quant_config(softmax_log2=True))
+  _, _, qparams = export_to(tmp_path / "q.npz", tiny_cfg, quant_config(softmax="log2"))
   with np.load(tmp_path / "q.npz") as f:
     static = json.loads(f[SITES_KEY].item())
   assert set(static) == set(qp.flatten(qparams))
   probs = static["Transformer/encoderblock_0/MultiHeadDotProductAttention_0/attn_probs"]
-  assert probs == dict(kind=qp.ACTIVATION, signed=False, log2=True,
+  assert probs == dict(kind=qp.ACTIVATION, signed=False, quantizer=qp.LOG2,
                        numel=probs["numel"]) and probs["numel"] > 0
 
 
@@ -64,9 +64,9 @@ def test_missing_activation_arrays_are_named(tmp_path, tiny_cfg):
   path = tmp_path / "q.npz"
   export_to(path, tiny_cfg, quant_config())
   with np.load(path) as f:
-    arrays = {k: f[k] for k in f.files if k != "quant/logits.scale"}
+    arrays = {k: f[k] for k in f.files if k != "quant/head_in.scale"}
   np.savez(path, **arrays)
-  with pytest.raises(ValueError, match="quant/logits.scale"):
+  with pytest.raises(ValueError, match="quant/head_in.scale"):
     load_quantized(str(path), tiny_cfg)
 
 

@@ -30,9 +30,10 @@ def test_no_sites_gives_the_float_logits_exactly(setup):
                                 model.apply({"params": params}, images))
 
 
-def test_every_site_of_the_algorithm_is_calibrated(setup, tiny_cfg):
+def test_every_site_of_the_algorithm_is_calibrated_in_protocol_all(setup, tiny_cfg):
   model, params, images = setup
-  sites = dict(qp.iter_sites(calibrate(model, params, images, quant_config())))
+  sites = dict(qp.iter_sites(calibrate(model, params, images,
+                                       quant_config(sites="all", softmax="float"))))
   per_block = {"ln1", "q", "k", "v", "attn_logits", "attn_v", "attn_out", "residual1", "ln2",
                "gelu", "fc2", "residual2"}
   kernels = {"MultiHeadDotProductAttention_0/" + p + "/kernel" for p in ("query", "key", "value", "out")}
@@ -44,7 +45,7 @@ def test_every_site_of_the_algorithm_is_calibrated(setup, tiny_cfg):
     want |= {block + k for k in kernels}
     want |= {block + ("MultiHeadDotProductAttention_0/" if s.startswith(("q", "k", "v", "attn"))
                       else "MlpBlock_0/" if s in ("gelu", "fc2") else "") + s for s in per_block}
-  assert set(sites) == want  # softmax stays float by default
+  assert set(sites) == want  # softmax float as asked
   kernel = sites["Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel"]
   assert kernel.kind == qp.WEIGHT and kernel.scale.shape == (1, tiny_cfg.hidden_size)
   assert sites["Transformer/encoderblock_0/ln1"].scale.shape == ()
@@ -78,9 +79,10 @@ def test_changing_bit_widths_does_not_recompile(setup):
   assert not np.allclose(outputs[0], outputs[-1])
 
 
-def test_vmap_over_64_candidates_equals_a_loop(setup):
+@pytest.mark.parametrize("softmax", ["float", "log_sqrt2"])
+def test_vmap_over_64_candidates_equals_a_loop(setup, softmax):
   model, params, images = setup
-  base = calibrate(model, params, images, quant_config(w_bits=4, a_bits=6))
+  base = calibrate(model, params, images, quant_config(w_bits=4, a_bits=6, softmax=softmax))
   keys = jax.random.split(jax.random.PRNGKey(0), 64)
 
   def candidate(key):  # every scale jittered by up to +-20%
@@ -101,11 +103,12 @@ def test_vmap_over_64_candidates_equals_a_loop(setup):
 
 def test_options_log2_softmax_ptf_and_first_last_bits(setup, tiny_cfg):
   model, params, images = setup
-  cfg = quant_config(w_bits=4, a_bits=8, softmax_log2=True, ptf=True, first_layer_bits=8,
+  cfg = quant_config(sites="all", w_bits=4, a_bits=8, softmax="log2", softmax_bits=4, ptf=True,
+                     first_layer_bits=8,
                      last_layer_bits=6, image_bits=0)
   sites = dict(qp.iter_sites(calibrate(model, params, images, cfg)))
   probs = sites["Transformer/encoderblock_0/MultiHeadDotProductAttention_0/attn_probs"]
-  assert probs.log2 and float(probs.bits) == 4
+  assert probs.quantizer == qp.LOG2 and float(probs.bits) == 4
   ptf = sites["Transformer/encoderblock_0/residual1"]
   assert ptf.scale.shape[-1] == tiny_cfg.hidden_size
   ratios = np.log2(np.asarray(ptf.scale).ravel() / np.asarray(ptf.scale).min())
@@ -151,7 +154,7 @@ def test_integer_export_round_trips_to_the_fake_quantized_kernels(setup):
 
 def test_orbax_save_and_restore(setup, tmp_path):
   model, params, images = setup
-  qparams = calibrate(model, params, images, quant_config(w_bits=4, a_bits=8, softmax_log2=True))
+  qparams = calibrate(model, params, images, quant_config(w_bits=4, a_bits=8, softmax="log2"))
   qp.save(str(tmp_path / "qp"), qparams)
   restored = qp.restore(str(tmp_path / "qp"))
   assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(qparams)

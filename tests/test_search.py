@@ -14,6 +14,7 @@ from clamp_jax.models.quantized import quant_config
 from clamp_jax.quant.params import flatten
 from clamp_jax.search import BlockEvaluator, EvolQ, population_mesh, search, search_config, with_block
 from clamp_jax.search.fitness import fitness
+from clamp_jax.search.loop import search_block, strategy_from
 from clamp_jax.search.strategy import take
 from conftest import calibrated_tiny
 
@@ -121,6 +122,28 @@ def test_search_lowers_the_fitness_below_the_min_max_start(setup):
     np.testing.assert_array_equal(a.scale, b.scale)
 
 
+def test_a_refreshed_block_keeps_the_start_and_reports_it_on_the_final_images(setup):
+  model, params, images, qparams = setup
+  # every token in the block loss, so a score does not depend on the token sample
+  cfg = search_config(**dict(SMALL, generations=5, refresh_every=2, block_tokens=10_000))
+  evaluator, strategy = BlockEvaluator(model, params, cfg), strategy_from(cfg)
+  refreshed = []
+
+  def refresh(current, key):  # new images every refresh: the start's fitness changes with them
+    refreshed.append(1)
+    return images + jax.random.normal(key, images.shape)
+
+  best, start, after, final = search_block(evaluator, strategy, 1, qparams, images,
+                                           jax.random.PRNGKey(3), cfg, refresh=refresh)
+  assert len(refreshed) == 2 and not np.array_equal(final, images)
+  caches = evaluator.caches(qparams, final)
+  start_pop = jax.tree_util.tree_map(lambda a: a[None], block_sites(qparams, 1))
+  sample = evaluator.token_sample(jax.random.PRNGKey(0), caches)
+  np.testing.assert_allclose(start, evaluator.score(1, start_pop, qparams, caches, sample)[0],
+                             rtol=1e-5)
+  assert after <= start  # never worse than the start on the images the block ended with
+
+
 SHARDED_SCRIPT = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -153,7 +176,7 @@ def test_eight_device_sharded_search_equals_one_device():
 
 
 @pytest.mark.parametrize("field,value", [("population", 0), ("generations", 0),
-                                         ("output_loss", "mse"), ("temperature", 0.0)])
+                                         ("output_loss", "hinge"), ("temperature", 0.0)])
 def test_impossible_search_settings_are_named(setup, field, value):
   model, params, images, qparams = setup
   with pytest.raises(ValueError, match=f"config.search.{field}"):

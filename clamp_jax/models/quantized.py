@@ -1,9 +1,15 @@
 """The quantized ViT: which quantizer each site gets (from `config.quant`), and calibration.
 
-Sites are the `quant_site` calls of `vit.py`. Weights: asymmetric per output channel
-(the paper's `(max - min) / (2^b - 1)`), activations per tensor; softmax and LayerNorm
-stay in float unless `softmax_log2` / `ptf` ask otherwise. `export_integer` writes the model as
-integer kernels + scales; `load_quantized` reads it back.
+Sites are the `quant_site` calls of `vit.py`; `config.quant.sites` picks the protocol:
+
+- `matmul` (default): the literature's W4/A4 (RepQ-ViT, PTQ4ViT, ERQ, ...): every weight and the
+  input of every matmul (LN outputs, q, k, v, softmax probabilities, attention x V, GELU output,
+  the head's input, the image); the residual stream, LayerNorm and softmax inputs and the logits
+  stay float.
+- `all`: the paper's release (FQ-ViT based): every site, the residual stream at `residual_bits`.
+
+Weights: asymmetric per output channel (the paper's `(max - min) / (2^b - 1)`); activations per
+tensor. `export_integer` writes the model as integer kernels + scales; `load_quantized` reads it back.
 """
 
 import json
@@ -20,12 +26,21 @@ from clamp_jax.models.checkpoints.loader import checked_params, read_flat
 from clamp_jax.models.vit import OBSERVE
 from clamp_jax.quant import observers
 from clamp_jax.quant.export import from_int, to_int
-from clamp_jax.quant.params import (ACTIVATION, WEIGHT, SiteQuant, flatten, join,
-                                    static_description, unflatten)
+from clamp_jax.quant.params import (ACTIVATION, LOG2, LOG_SQRT2, TWIN, UNIFORM, WEIGHT,
+                                    SiteQuant, flatten, join, static_description, unflatten)
+from clamp_jax.quant.twin import twin_uniform_scale
+from clamp_jax.quant.uniform import int_range
 
 OBSERVERS = {"minmax": observers.minmax, "percentile": observers.percentile,
              "omse": observers.omse}
-LN_INPUT_SITES = ("posembed", "residual1", "residual2")  # the values LayerNorms read
+PROTOCOLS = ("matmul", "all")
+SOFTMAX_QUANTIZERS = ("float", LOG2, LOG_SQRT2)
+GELU_QUANTIZERS = (UNIFORM, TWIN)
+LN_INPUT_SITES = ("posembed", "residual1", "residual2")  # the residual stream: LayerNorm inputs
+# The inputs of matmuls: the activation sites the `matmul` protocol quantizes.
+MATMUL_INPUT_SITES = ("image", "ln1", "q", "k", "v", "attn_probs", "attn_v", "ln2", "gelu",
+                      "head_in", "pre_logits_out")
+NOT_IN_ALL = ("head_in",)  # sites the `all` protocol (the paper's release) does not quantize
 BUDGET_KINDS = ("size", "bops", "both")
 ACTIVATION_FIELDS = ("scale", "zero_point", "bits")  # what the export keeps of an activation site
 SITES_KEY = "quant_sites.json"  # the export's entry of every site's static description
@@ -34,37 +49,51 @@ SITES_KEY = "quant_sites.json"  # the export's entry of every site's static desc
 def quant_config(**overrides) -> ml_collections.ConfigDict:
   """A `config.quant` section with its defaults, then `overrides`."""
   cfg = ml_collections.ConfigDict(dict(
+      sites="matmul",       # protocol: "matmul" (the literature's) or "all" (the paper's release)
       w_bits=8, a_bits=8,
       first_layer_bits=0,   # patch embedding weights; 0: w_bits
       last_layer_bits=0,    # head weights; 0: w_bits
       image_bits=8,         # the input image; 0: float
+      residual_bits=0,      # "all" only: the residual stream sites; 0: a_bits
       w_symmetric=False, a_symmetric=False,
       w_observer="minmax", a_observer="minmax",
-      softmax_log2=False, softmax_bits=4,  # FQ-ViT log2 quantizer for attention probabilities
-      ptf=False, ptf_factors=3,            # FQ-ViT power-of-two factors for LayerNorm inputs
+      softmax=LOG_SQRT2,    # attention probabilities: "log_sqrt2" (RepQ-ViT), "log2" (FQ-ViT), "float"
+      softmax_bits=0,       # 0: a_bits
+      gelu=UNIFORM,         # GELU output: "uniform" grid or "twin" (PTQ4ViT's twin-uniform)
+      reparam=True,         # RepQ-ViT: per-channel LN-output grids folded into LN and next linear
+      ptf=False, ptf_factors=3,  # "all" only: FQ-ViT power-of-two factors for LayerNorm inputs
       # Mixed precision (needs config.search.enabled): the search also mutates each block site's
       # bits by +-1 (probability bit_mutation_prob) within w_bits_min..w_bits_max (weights) or
       # a_bits_min..a_bits_max (activations); every kept candidate meets the budget, a fraction
-      # of the uniform W4/A8 model's size (params x w_bits), BOPs (MACs x w_bits x a_bits) or both.
+      # of the uniform W{budget_w_bits}/A{budget_a_bits} model's size (params x w_bits), BOPs
+      # (MACs x w_bits x a_bits) or both.
       mixed=False, w_bits_min=2, w_bits_max=8, a_bits_min=4, a_bits_max=8,
-      bit_mutation_prob=0.2, budget=1.0, budget_kind="size",
+      bit_mutation_prob=0.2, budget=1.0, budget_kind="size", budget_w_bits=4, budget_a_bits=8,
   ))
   cfg.update(overrides)
   return cfg
 
 
+def _check_choice(qcfg, field, known):
+  if qcfg[field] not in known:
+    raise ValueError(f"config.quant.{field}={qcfg[field]!r}; known: {list(known)}")
+
+
 def validate(qcfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first impossible `config.quant` value."""
-  for field in ("w_bits", "a_bits", "softmax_bits", "w_bits_min", "w_bits_max", "a_bits_min",
-                "a_bits_max"):
+  for field in ("w_bits", "a_bits", "w_bits_min", "w_bits_max", "a_bits_min", "a_bits_max",
+                "budget_w_bits", "budget_a_bits"):
     if not 2 <= qcfg[field] <= 16:
       raise ValueError(f"config.quant.{field}={qcfg[field]} must be between 2 and 16")
-  for field in ("first_layer_bits", "last_layer_bits", "image_bits"):
+  for field in ("first_layer_bits", "last_layer_bits", "image_bits", "residual_bits",
+                "softmax_bits"):
     if qcfg[field] and not 2 <= qcfg[field] <= 16:
       raise ValueError(f"config.quant.{field}={qcfg[field]} must be 0 (default) or 2..16")
+  _check_choice(qcfg, "sites", PROTOCOLS)
+  _check_choice(qcfg, "softmax", SOFTMAX_QUANTIZERS)
+  _check_choice(qcfg, "gelu", GELU_QUANTIZERS)
   for field in ("w_observer", "a_observer"):
-    if qcfg[field] not in OBSERVERS:
-      raise ValueError(f"config.quant.{field}={qcfg[field]!r}; known: {sorted(OBSERVERS)}")
+    _check_choice(qcfg, field, sorted(OBSERVERS))
   for kind in ("w", "a"):
     low, high = qcfg[f"{kind}_bits_min"], qcfg[f"{kind}_bits_max"]
     if low > high:
@@ -79,12 +108,21 @@ def validate(qcfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.quant.budget={qcfg.budget} must be positive")
   if qcfg.budget_kind not in BUDGET_KINDS:
     raise ValueError(f"config.quant.budget_kind={qcfg.budget_kind!r}; known: {BUDGET_KINDS}")
+  if qcfg.ptf and qcfg.sites != "all":
+    raise ValueError(f"config.quant.ptf=True quantizes LayerNorm inputs, which "
+                     f"config.quant.sites={qcfg.sites!r} keeps float; use sites='all'")
   if qcfg.mixed and qcfg.ptf:
     raise ValueError("config.quant.ptf=True does not combine with config.quant.mixed=True")
 
 
+def quantized_in(name: str, protocol: str) -> bool:
+  """Whether activation site `name` is quantized by the protocol `config.quant.sites`."""
+  return name in MATMUL_INPUT_SITES if protocol == "matmul" else name not in NOT_IN_ALL
+
+
 def site_rule(path: str, qcfg: ml_collections.ConfigDict) -> Optional[dict]:
-  """How site `path` is quantized: `dict(kind, bits, signed, log2, ptf, observer)`, or None (float)."""
+  """How site `path` is quantized: `dict(kind, bits, signed, quantizer, ptf, observer)`, or None
+  (float)."""
   name = path.rsplit("/", 1)[-1]
   if name == "kernel":
     bits = qcfg.w_bits
@@ -92,20 +130,24 @@ def site_rule(path: str, qcfg: ml_collections.ConfigDict) -> Optional[dict]:
       bits = qcfg.first_layer_bits
     if path.startswith("head/") and qcfg.last_layer_bits:
       bits = qcfg.last_layer_bits
-    return dict(kind=WEIGHT, bits=bits, signed=qcfg.w_symmetric, log2=False, ptf=False,
+    return dict(kind=WEIGHT, bits=bits, signed=qcfg.w_symmetric, quantizer=UNIFORM, ptf=False,
                 observer=qcfg.w_observer)
+  if not quantized_in(name, qcfg.sites):
+    return None
+  rule = dict(kind=ACTIVATION, bits=qcfg.a_bits, signed=qcfg.a_symmetric, quantizer=UNIFORM,
+              ptf=False, observer=qcfg.a_observer)
   if name == "attn_probs":
-    if not qcfg.softmax_log2:
+    if qcfg.softmax == "float":
       return None
-    return dict(kind=ACTIVATION, bits=qcfg.softmax_bits, signed=False, log2=True, ptf=False,
-                observer=None)
-  bits = qcfg.a_bits
+    return dict(rule, bits=qcfg.softmax_bits or qcfg.a_bits, signed=False,
+                quantizer=qcfg.softmax)
+  if name == "gelu":
+    return dict(rule, quantizer=qcfg.gelu)
   if name == "image":
-    if not qcfg.image_bits:
-      return None
-    bits = qcfg.image_bits
-  return dict(kind=ACTIVATION, bits=bits, signed=qcfg.a_symmetric, log2=False,
-              ptf=qcfg.ptf and name in LN_INPUT_SITES, observer=qcfg.a_observer)
+    return dict(rule, bits=qcfg.image_bits) if qcfg.image_bits else None
+  if name in LN_INPUT_SITES:
+    return dict(rule, bits=qcfg.residual_bits or qcfg.a_bits, ptf=qcfg.ptf)
+  return rule
 
 
 def observe(model: nn.Module, variables: dict, images: jax.Array) -> Dict[str, jax.Array]:
@@ -118,30 +160,49 @@ def observe(model: nn.Module, variables: dict, images: jax.Array) -> Dict[str, j
   return {path: values[0] for path, values in flat.items()}
 
 
-def site_params(x: jax.Array, rule: dict, batch: int, qcfg: ml_collections.ConfigDict) -> SiteQuant:
-  """Calibrates one site on its observed value `x`."""
+def grid_range(scale, zero_point, bits, signed: bool):
+  """`(lo, hi)`: the values a uniform grid covers."""
+  qmin, qmax = int_range(bits, signed)
+  return (qmin - zero_point) * scale, (qmax - zero_point) * scale
+
+
+def site_params(x: jax.Array, rule: dict, batch: int, qcfg: ml_collections.ConfigDict,
+                grid: Optional[tuple] = None) -> SiteQuant:
+  """Calibrates one site on its observed value `x`; `grid` `(scale, zero_point)` is used as it
+  is instead of the observer's (a reparameterized LayerNorm output's common grid)."""
   bits = jnp.asarray(rule["bits"], jnp.float32)
-  static = dict(kind=rule["kind"], signed=rule["signed"], log2=rule["log2"],
+  x = jnp.asarray(x, jnp.float32)
+  static = dict(kind=rule["kind"], signed=rule["signed"], quantizer=rule["quantizer"],
                 numel=int(x.size) if rule["kind"] == WEIGHT else int(x.size) // batch)
-  if rule["log2"]:
+  if rule["quantizer"] == LOG2:
     return SiteQuant(jnp.ones(()), jnp.zeros(()), bits, **static)
+  if rule["quantizer"] == LOG_SQRT2:  # the largest level: the largest probability seen
+    return SiteQuant(jnp.maximum(jnp.max(x), observers.EPS), jnp.zeros(()), bits, **static)
+  if rule["quantizer"] == TWIN:
+    return SiteQuant(twin_uniform_scale(x, bits), jnp.zeros(()), bits, **static)
+  if grid is not None:
+    scale, zero_point = (jnp.asarray(v, jnp.float32) for v in grid)
+    lo, hi = grid_range(scale, zero_point, bits, rule["signed"])
+    return SiteQuant(scale, zero_point, bits, **static, lo=lo, hi=hi)
   if rule["ptf"]:
     return SiteQuant(*observers.ptf(x, bits, qcfg.ptf_factors), bits, **static)
   reduce_axes = (0,) if rule["kind"] == WEIGHT else None  # weights: per output channel
   scale, zero_point = OBSERVERS[rule["observer"]](x, bits, rule["signed"], reduce_axes)
-  lo, hi = observers.minmax_range(jnp.asarray(x, jnp.float32), reduce_axes)
+  lo, hi = observers.minmax_range(x, reduce_axes)
   return SiteQuant(scale, zero_point, bits, **static, lo=lo, hi=hi)
 
 
-def calibrate(model: nn.Module, params, images: jax.Array,
-              qcfg: ml_collections.ConfigDict) -> dict:
-  """`QuantParams` for `model` from the float model's values on `images` (min-max by default)."""
+def calibrate(model: nn.Module, params, images: jax.Array, qcfg: ml_collections.ConfigDict,
+              grids: Optional[Dict[str, tuple]] = None) -> dict:
+  """`QuantParams` for `model` from the float model's values on `images` (min-max by default);
+  `grids` (`{site path: (scale, zero_point)}`) fixes those sites' grids."""
   validate(qcfg)
+  grids = grids or {}
   sites = {}
   for path, x in observe(model, {"params": params}, images).items():
     rule = site_rule(path, qcfg)
     if rule is not None:
-      sites[path] = site_params(x, rule, images.shape[0], qcfg)
+      sites[path] = site_params(x, rule, images.shape[0], qcfg, grids.get(path))
   return unflatten(sites)
 
 
@@ -156,7 +217,7 @@ def export_integer(params, qparams) -> Dict[str, np.ndarray]:
   `PATH/kernel` becomes `PATH/kernel.int` (the kernel's shape), `PATH/kernel.zero_point`,
   `PATH/kernel.scale` (per output channel) and `PATH/kernel.bits`; activation sites are stored
   as `quant/SITE.{scale,zero_point,bits}`; `quant_sites.json` (a string array) holds every site's
-  static description (`{path: {kind, signed, log2, numel}}`). `load_quantized` reads it back.
+  static description (`{path: {kind, signed, quantizer, numel}}`). `load_quantized` reads it back.
   """
   arrays = {k: np.asarray(v) for k, v in
             flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/").items()}

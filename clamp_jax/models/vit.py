@@ -213,6 +213,7 @@ class VisionTransformer(nn.Module):
                                self.layernorm_epsilon, self.gelu_approximate,
                                name="Transformer")(x, return_intermediates, start_block)
     x = x[:, 0] if self.pool == "tok" else x.mean(axis=1)
+    x = quant_site(self, "head_in", x)  # the pooled features entering pre_logits or the head
     if self.representation_size:
       x = jnp.tanh(Projection(self.representation_size, name="pre_logits")(x))
       x = quant_site(self, "pre_logits_out", x)

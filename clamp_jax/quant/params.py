@@ -4,7 +4,8 @@ A `QuantParams` is a nested dict laid out like a Flax variable collection (modul
 site name -> `SiteQuant`), passed to a model as its `"quant"` collection. Arrays
 (`scale`, `zero_point`, `bits`, the observed range `lo`, `hi`) are pytree leaves, so `jit`
 compiles one program for any values and `vmap` runs a population of them; the static
-description (kind, signedness, log2, element count) is pytree metadata, kept apart from the arrays.
+description (kind, signedness, quantizer, element count) is pytree metadata, kept apart from the
+arrays.
 """
 
 import json
@@ -19,10 +20,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from clamp_jax.files import write_json
-from clamp_jax.quant.log2 import log2_fake_quant
+from clamp_jax.quant.log2 import log2_fake_quant, log_sqrt2_fake_quant
+from clamp_jax.quant.twin import twin_uniform_fake_quant
 from clamp_jax.quant.uniform import fake_quant
 
 WEIGHT, ACTIVATION = "weight", "activation"
+# A site's quantizer: the affine grid (scale, zero point), FQ-ViT's log2 (no parameter),
+# RepQ-ViT's log-sqrt(2) (`scale` is its largest level, Delta) or PTQ4ViT's twin-uniform
+# (`scale` is the step of the non-negative side).
+UNIFORM, LOG2, LOG_SQRT2, TWIN = "uniform", "log2", "log_sqrt2", "twin"
+QUANTIZERS = (UNIFORM, LOG2, LOG_SQRT2, TWIN)
 ARRAYS = ("scale", "zero_point", "bits", "lo", "hi")  # a `SiteQuant`'s array fields
 
 
@@ -34,18 +41,32 @@ class SiteQuant:
   bits: jax.Array
   kind: str = struct.field(pytree_node=False, default=ACTIVATION)
   signed: bool = struct.field(pytree_node=False, default=False)
-  log2: bool = struct.field(pytree_node=False, default=False)
+  quantizer: str = struct.field(pytree_node=False, default=UNIFORM)
   numel: int = struct.field(pytree_node=False, default=0)  # params, or activations per image
   # The observed range [lo, hi] (shaped like `scale`), kept to reset the grid by min-max at other
-  # bit widths (mixed precision); None where unknown (log2 sites, sites built elsewhere).
+  # bit widths (mixed precision); None where unknown (non-uniform sites, sites built elsewhere).
   lo: Optional[jax.Array] = None
   hi: Optional[jax.Array] = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Fake-quantizes `x` (straight-through gradient)."""
-    if self.log2:
+    if self.quantizer == LOG2:
       return log2_fake_quant(x, self.bits)
+    if self.quantizer == LOG_SQRT2:
+      return log_sqrt2_fake_quant(x, self.bits, self.scale)
+    if self.quantizer == TWIN:
+      return twin_uniform_fake_quant(x, self.scale, self.bits)
     return fake_quant(x, self.scale, self.zero_point, self.bits, self.signed)
+
+  @property
+  def uniform(self) -> bool:
+    """Whether the site is an affine grid (whose bits mixed precision may move)."""
+    return self.quantizer == UNIFORM
+
+  @property
+  def has_scale(self) -> bool:
+    """Whether `scale` means something (every quantizer but log2)."""
+    return self.quantizer != LOG2
 
 
 def is_site(node) -> bool:
@@ -83,8 +104,8 @@ def bit_summary(qparams) -> dict:
 
 
 def static_description(site: SiteQuant) -> dict:
-  """What a site is, apart from its arrays: `{kind, signed, log2, numel}`."""
-  return dict(kind=site.kind, signed=site.signed, log2=site.log2, numel=site.numel)
+  """What a site is, apart from its arrays: `{kind, signed, quantizer, numel}`."""
+  return dict(kind=site.kind, signed=site.signed, quantizer=site.quantizer, numel=site.numel)
 
 
 def split(qparams) -> Tuple[dict, dict]:

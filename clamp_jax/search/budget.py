@@ -1,5 +1,6 @@
 """The mixed-precision budget: model size (params x w_bits) and BOPs (MACs x w_bits x a_bits
-over the weight matmuls) of a ViT's `QuantParams`, relative to the uniform W4/A8 model.
+over the weight matmuls) of a ViT's `QuantParams`, relative to a uniform model (by default
+W4/A8, `config.quant.budget_w_bits` / `budget_a_bits`); reports are relative to W4/A8.
 
 Costs are sums of integers computed on the host in float64, where they are exact, so "within
 budget" is an exact comparison. Arrays may carry a leading population axis `[K]` (a block's
@@ -13,7 +14,7 @@ import numpy as np
 
 from clamp_jax.quant.params import WEIGHT, flatten
 
-REFERENCE_BITS = (4, 8)  # (weights, activations) of the model the budget is relative to
+REFERENCE_BITS = (4, 8)  # (weights, activations) of the model reports are relative to
 KINDS = {"size": [0], "bops": [1], "both": [0, 1]}  # config.quant.budget_kind -> counted costs
 
 # The activation site each ViT kernel's matmul reads, and whether it reads every token of it
@@ -26,8 +27,10 @@ MATMULS = (
     (r"(.*)/MlpBlock_0/Dense_0/kernel", r"\1/ln2", True),
     (r"(.*/MlpBlock_0)/Dense_1/kernel", r"\1/gelu", True),
     (r"embedding/kernel", "image", True),
+    (r"pre_logits/kernel", "head_in", False),
     (r"pre_logits/kernel", "Transformer/encoder_norm_out", False),
     (r"head/kernel", "pre_logits_out", False),
+    (r"head/kernel", "head_in", False),
     (r"head/kernel", "Transformer/encoder_norm_out", False),
 )
 
@@ -41,12 +44,18 @@ def matmul_input(path: str, sites: dict):
   return None
 
 
-def costs(qparams, bits=None) -> np.ndarray:
-  """`[..., 2]`: size and BOPs per image; with `bits=(w, a)`, as if every site had those bits."""
+def searched(path: str) -> bool:
+  """Whether site `path` is in a block (the sites mixed precision moves)."""
+  return "/encoderblock_" in path
+
+
+def costs(qparams, bits=None, blocks_only: bool = False) -> np.ndarray:
+  """`[..., 2]`: size and BOPs per image; with `bits=(w, a)`, as if every site (with
+  `blocks_only`, every block site; the others as they are) had those bits."""
   sites = flatten(qparams)
 
-  def bits_of(site):
-    if bits is not None:
+  def bits_of(path, site):
+    if bits is not None and (searched(path) or not blocks_only):
       return float(bits[0] if site.kind == WEIGHT else bits[1])
     return np.asarray(site.bits, np.float64)
 
@@ -54,13 +63,13 @@ def costs(qparams, bits=None) -> np.ndarray:
   for path, site in sites.items():
     if site.kind != WEIGHT:
       continue
-    size = size + site.numel * bits_of(site)
+    size = size + site.numel * bits_of(path, site)
     found = matmul_input(path, sites)
     if found:
       source, every_token = found
       # MACs = tokens x in x out, with tokens = input elements / in = input elements x out / numel.
       tokens = sites[source].numel * site.scale.shape[-1] // site.numel if every_token else 1
-      bops = bops + tokens * site.numel * bits_of(site) * bits_of(sites[source])
+      bops = bops + tokens * site.numel * bits_of(path, site) * bits_of(source, sites[source])
   return np.stack(np.broadcast_arrays(size, bops), axis=-1)
 
 
@@ -72,14 +81,22 @@ def report(qparams) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-  """At most `limit` times the uniform W4/A8 model's cost, in the costs `kind` counts."""
-  reference: np.ndarray  # [2]: costs of the uniform W4/A8 model
+  """At most `limit` times the uniform reference model's cost, in the costs `kind` counts."""
+  reference: np.ndarray  # [2]: costs of the uniform reference model
   limit: float
   kind: str
 
   @classmethod
-  def of(cls, qparams, limit: float, kind: str) -> "Budget":
-    return cls(costs(qparams, REFERENCE_BITS), limit, kind)
+  def of(cls, qparams, limit: float, kind: str, bits=REFERENCE_BITS) -> "Budget":
+    """The budget relative to `qparams` with every block site at `bits` `(w, a)` (the sites
+    outside the blocks, which the search does not move, as they are)."""
+    return cls(costs(qparams, bits, blocks_only=True), limit, kind)
+
+  @classmethod
+  def from_config(cls, qparams, quant_cfg) -> "Budget":
+    """The budget `config.quant` asks for."""
+    return cls.of(qparams, quant_cfg.budget, quant_cfg.budget_kind,
+                  (quant_cfg.budget_w_bits, quant_cfg.budget_a_bits))
 
   def allows(self, qparams) -> np.ndarray:
     """Whether `qparams` (each candidate, with a population axis) meets the budget."""

@@ -19,7 +19,7 @@ from clamp_jax.search.budget import Budget, report
 from clamp_jax.search.evaluator import BlockEvaluator, block_key, with_block
 from clamp_jax.search.fitness import OUTPUT_LOSSES
 from clamp_jax.search.mixed import MixedEvolQ, fit_budget
-from clamp_jax.search.strategy import EvolQ, best
+from clamp_jax.search.strategy import EvolQ, best, take
 
 
 Refresh = Callable[[dict, jax.Array], jax.Array]  # (current qparams, key) -> new images
@@ -30,7 +30,9 @@ def search_config(**overrides) -> ml_collections.ConfigDict:
   """A `config.search` section with its defaults (the paper's schedule), then `overrides`."""
   cfg = ml_collections.ConfigDict(dict(
       enabled=False, passes=10, generations=6, population=15, children=15, tournament=10,
-      r_low_bits=1e-3, r_high_bits=1e-4, relative=False,
+      # Scale-invariant mutation, scale * |1 + U(-r, r)| (Evol-Q's absolute |scale + U(-r, r)|
+      # with r 1e-3 / 1e-4: relative=False): r_low_bits at <= 4 bits, r_high_bits above.
+      r_low_bits=0.05, r_high_bits=0.01, relative=True,
       w_block=1.0, w_output=1.0, output_loss="contrastive", temperature=3.0,
       block_tokens=256,   # tokens sampled for the block-local contrastive loss
       chunk_size=0,       # candidates per lax.map step on a device; 0: all at once (vmap)
@@ -71,11 +73,13 @@ def search_block(evaluator: BlockEvaluator, strategy: EvolQ, block: int, qparams
                  images: jax.Array, key: jax.Array, cfg: ml_collections.ConfigDict,
                  budget: Optional[Budget] = None, refresh: Optional[Refresh] = None):
   """`cfg.generations` generations for one block: `(best candidate, start fitness, best fitness,
-  images)`. Candidates over `budget` (with the rest of `qparams` as it is) score inf.
+  images)`, both fitnesses on the images returned. Candidates over `budget` (with the rest of
+  `qparams` as it is) score inf.
 
   With `refresh`, every `cfg.refresh_every` generations the images are regenerated against the
   current model (this block's best in place), the caches rebuilt and the population rescored on
-  the new images, so the best fitness is measured on the images returned.
+  the new images, the start put back in place of the worst: the start stays in the population,
+  so the best fitness never exceeds the start's on the images the block ends with.
   """
   k_init, k_sample, k_gens = jax.random.split(key, 3)
 
@@ -91,15 +95,20 @@ def search_block(evaluator: BlockEvaluator, strategy: EvolQ, block: int, qparams
 
   data = prepare(images, k_sample)
   population = strategy.initial_population(k_init, qparams["Transformer"][block_key(block)])
+  start_candidate = take(population, 0)  # the unmutated current candidate
   scores = score(population, *data)
-  start = float(scores[0])  # the unmutated current candidate
+  start = float(scores[0])
   state = strategy.init(population, scores)
   for g, k_gen in enumerate(jax.random.split(k_gens, cfg.generations)):
     if refresh is not None and cfg.refresh_every and g and g % cfg.refresh_every == 0:
       k_refresh, k_sample = jax.random.split(jax.random.fold_in(k_gen, 1))
       images = refresh(with_block(qparams, block, best(state)), k_refresh)
       data = prepare(images, k_sample)
-      state = strategy.init(state.population, score(state.population, *data))
+      population = jax.tree_util.tree_map(lambda p, s: p.at[-1].set(s), state.population,
+                                          start_candidate)
+      scores = score(population, *data)
+      start = float(scores[-1])
+      state = strategy.init(population, scores)
     children = strategy.ask(k_gen, state)
     state = strategy.tell(state, children, score(children, *data))
   return best(state), start, float(state.fitness[0]), images
@@ -133,7 +142,7 @@ def search(model: nn.Module, params, qparams: dict, images: jax.Array,
   budget = None
   if isinstance(strategy, MixedEvolQ):
     validate_quant(quant_cfg)
-    budget = Budget.of(qparams, quant_cfg.budget, quant_cfg.budget_kind)
+    budget = Budget.from_config(qparams, quant_cfg)
     qparams = fit_budget(qparams, budget, strategy, num_blocks)
   order = search_order(cfg, num_blocks)
   history: List[dict] = []

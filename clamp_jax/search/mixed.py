@@ -32,7 +32,7 @@ def with_bits(site: SiteQuant, bits) -> SiteQuant:
 class MixedEvolQ(EvolQ):
   """`EvolQ` whose mutation also moves each site's bits by +-1 (each with probability
   `bit_mutation_prob / 2`) within `w_bits` (weights) or `a_bits` (activations), inclusive.
-  log2 sites keep their bits."""
+  Sites other than uniform grids keep their bits."""
   w_bits: Tuple[int, int] = (2, 8)
   a_bits: Tuple[int, int] = (4, 8)
   bit_mutation_prob: float = 0.2
@@ -42,7 +42,7 @@ class MixedEvolQ(EvolQ):
     return map_sites(self.mutate_bits, k_bits, super().mutate(k_scale, candidate))
 
   def mutate_bits(self, site: SiteQuant, key: jax.Array) -> SiteQuant:
-    if site.log2:
+    if not site.uniform:
       return site
     u, p = jax.random.uniform(key), self.bit_mutation_prob
     step = jnp.where(u < p / 2, -1.0, jnp.where(u < p, 1.0, 0.0))
@@ -51,9 +51,9 @@ class MixedEvolQ(EvolQ):
 
 
 def lowered(qparams: dict, num_blocks: int, kind: str, floor: int, steps: int = 1) -> dict:
-  """Every searched (block, not log2) site of `kind` `steps` bits lower, not below `floor`."""
+  """Every searched (block, uniform) site of `kind` `steps` bits lower, not below `floor`."""
   def lower(site):
-    if site.kind != kind or site.log2:
+    if site.kind != kind or not site.uniform:
       return site
     return with_bits(site, jnp.maximum(site.bits - steps, floor))
 

@@ -69,7 +69,7 @@ class EvolQ:
     return map_sites(self.mutate_scale, key, candidate)
 
   def mutate_scale(self, site: SiteQuant, key: jax.Array) -> SiteQuant:
-    if site.log2:  # the log2 quantizer has no scale
+    if not site.has_scale:
       return site
     r = jnp.where(site.bits <= self.low_bits, self.r_low_bits, self.r_high_bits)
     noise = jax.random.uniform(key, site.scale.shape, minval=-1.0, maxval=1.0) * r
