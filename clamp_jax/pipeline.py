@@ -4,6 +4,8 @@
          reparameterization (`config.quant.reparam`) and min-max QuantParams
   search: passes over the blocks, last to first; every `refresh_every` generations of a block
           the images are regenerated (warm-started, `refresh_steps`) against the current model
+  reconstruct (`config.reconstruct.enabled`): the weights' rounding learned block by block on
+          the final images (AdaRound); deterministic, so a run killed in it redoes it
   finish: evaluation, results.json, QuantParams, integer export, report
 
 The run's state is checkpointed after the start and after every block (`run_state`); the same
@@ -36,6 +38,7 @@ from clamp_jax.search import Budget, search
 from clamp_jax.search.budget import report as budget_report
 from clamp_jax.search.loop import strategy_from
 from clamp_jax.search.mixed import fit_budget
+from clamp_jax.search.reconstruct import reconstruct
 from clamp_jax.validate import validate_run
 
 RESULTS_FILE = "results.json"
@@ -121,8 +124,9 @@ def run_search(config, model, params, state: RunState, checkpoints: RunCheckpoin
   return state
 
 
-def finish(config, model, params, state: RunState, workdir: str) -> dict:
-  """Evaluates, then writes QuantParams, the integer export, the report and results.json."""
+def finish(config, model, params, state: RunState, workdir: str, extra: dict) -> dict:
+  """Evaluates, then writes QuantParams, the integer export, the report and results.json
+  (with `extra`)."""
   t0 = time.time()
   fp = evaluate_params(config, model, params)
   quant = evaluate_params(config, model, params, {"quant": state.qparams})
@@ -130,9 +134,10 @@ def finish(config, model, params, state: RunState, workdir: str) -> dict:
                  model=config.model.name or os.path.basename(config.model.checkpoint),
                  sites=config.quant.sites, reparam=bool(state.reparam),
                  calib_source=config.calib.source, calib_images=int(state.images.shape[0]),
-                 search_history=state.history, **qparams_lib.bit_summary(state.qparams),
+                 search_history=state.history, **extra, **qparams_lib.bit_summary(state.qparams),
                  **budget_report(state.qparams))
-  results["seconds"] = state.info["seconds"] + time.time() - t0
+  results["seconds"] = state.info["seconds"] + extra.get("reconstruct_seconds", 0.0) + \
+      time.time() - t0
   qparams_lib.save(os.path.join(workdir, "quant_params"), state.qparams)
   with files.atomic_path(os.path.join(workdir, "quantized.npz")) as tmp:
     np.savez(tmp, **export_integer(params, state.qparams))
@@ -176,6 +181,12 @@ def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params = fold(params, state.reparam)  # the model the QuantParams were calibrated on
   if config.search.enabled:
     state = run_search(config, model, params, state, checkpoints, workdir)
-  results = finish(config, model, params, state, workdir)
+  extra = {}
+  if config.reconstruct.enabled:
+    t0 = time.time()
+    params, extra["reconstruct"] = reconstruct(model, params, state.qparams, state.images,
+                                               config.reconstruct)
+    extra["reconstruct_seconds"] = time.time() - t0
+  results = finish(config, model, params, state, workdir, extra)
   checkpoints.close()
   return results

@@ -10,6 +10,7 @@ from clamp_jax.generate import validate as validate_generate
 from clamp_jax.generate.config import METHODS as GENERATED_SOURCES
 from clamp_jax.models.quantized import validate as validate_quant
 from clamp_jax.search.loop import validate as validate_search
+from clamp_jax.search.reconstruct import validate as validate_reconstruct
 
 NEEDS_CHECKPOINT = ("quantize", "generate", "eval")
 
@@ -51,6 +52,7 @@ def validate_run(config: ml_collections.ConfigDict, mode: str) -> None:
   if mode == "quantize":
     validate_quant(config.quant)
     validate_search(config.search)
+    validate_reconstruct(config.reconstruct)
     if config.quant.mixed and not config.search.enabled:
       raise ValueError("config.quant.mixed=True searches bits: it needs "
                        "config.search.enabled=True")

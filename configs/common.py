@@ -14,7 +14,7 @@ from clamp_jax.data.folder import IMAGENET_MEAN, IMAGENET_STD
 from clamp_jax.generate import generate_config
 from clamp_jax.models import model_config
 from clamp_jax.models.quantized import quant_config
-from clamp_jax.search import search_config
+from clamp_jax.search import reconstruct_config, search_config
 
 BIT_PRESETS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4), "w3a8": (3, 8),
                "w3a4": (3, 4), "w4a3": (4, 3), "w3a3": (3, 3), "w2a8": (2, 8)}
@@ -70,4 +70,5 @@ def imagenet_config(model_name: str, preset: str, arg: str = "") -> ml_collectio
   # The paper's schedule: 500 steps of generation, 50-step refreshes, P = 10, C = 6, K = 15.
   config.generate = generate_config(steps=500, refresh_steps=50)
   config.search = search_config(enabled="minmax" not in args)
+  config.reconstruct = reconstruct_config()
   return config

@@ -18,7 +18,7 @@ import ml_collections
 
 from clamp_jax.generate import generate_config
 from clamp_jax.models import model_config
-from clamp_jax.search import search_config
+from clamp_jax.search import reconstruct_config, search_config
 from configs.common import parse_args, quant_from_args
 
 REFERENCE_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
@@ -45,6 +45,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.quant = quant_from_args(args)
   config.generate = generate_config()
   config.search = search_config(enabled="minmax" not in args)
+  config.reconstruct = reconstruct_config()
   if "paper" not in args:  # reduced schedule: the full cycle in under 15 minutes on 2 CPU cores
     config.generate.update(refresh_steps=25)
     config.search.update(passes=3)

@@ -45,12 +45,14 @@ def checkpoint(tmp_path_factory):
 
 
 def search_args(checkpoint, workdir):
-  """The CLAMP cycle on the tiny model: generated images refreshed every generation, 3 passes."""
+  """The CLAMP cycle on the tiny model: generated images refreshed every generation, 3 passes,
+  then the rounding reconstruction."""
   return ["--config=configs/fmnist_vit.py:tiny,w4a4", f"--workdir={workdir}",
           f"--config.model.checkpoint={checkpoint}", f"--config.eval.num_images={NUM_EVAL}",
           "--config.calib.source=clamp", "--config.search.enabled=True",
           "--config.search.passes=3", "--config.search.generations=2",
-          "--config.search.refresh_every=1"]
+          "--config.search.refresh_every=1", "--config.reconstruct.enabled=True",
+          "--config.reconstruct.steps=10"]
 
 
 def complete_steps(workdir):
@@ -150,7 +152,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, checkpoint, env, refere
 
   results, expected = (read_json(os.path.join(d, "results.json")) for d in (workdir, reference))
   for key in ("fp_top1", "quant_top1", "w_bits", "a_bits", "w_bits_weighted", "a_bits_weighted",
-              "size_vs_w4a8", "minmax_top1", "misprediction_rate"):
+              "size_vs_w4a8", "minmax_top1", "misprediction_rate", "reconstruct"):
     assert results[key] == expected[key], key
   fitness = lambda r: [(h["pass_"], h["block"], h["fitness_before"], h["fitness_after"])
                        for h in r["search_history"]]
@@ -180,6 +182,8 @@ def test_finished_run_writes_results_and_report(reference):
   assert 0 <= results["quant_top1"] <= 100 and 0 <= results["misprediction_rate"] <= 100
   assert [(h["pass_"], h["block"]) for h in results["search_history"]] == \
       [(p, b) for p in range(3) for b in (1, 0)]
+  assert [h["block"] for h in results["reconstruct"]] == ["embedding", 0, 1]  # first to last
+  assert all(h["before"] > 0 and h["after"] > 0 for h in results["reconstruct"])
 
   with open(os.path.join(reference, "report.md")) as f:
     report = f.read()

@@ -176,7 +176,8 @@ def test_eight_device_sharded_search_equals_one_device():
 
 
 @pytest.mark.parametrize("field,value", [("population", 0), ("generations", 0),
-                                         ("output_loss", "hinge"), ("temperature", 0.0)])
+                                         ("output_loss", "hinge"), ("block_loss", "hinge"),
+                                         ("temperature", 0.0)])
 def test_impossible_search_settings_are_named(setup, field, value):
   model, params, images, qparams = setup
   with pytest.raises(ValueError, match=f"config.search.{field}"):

@@ -5,6 +5,7 @@ the current quantized model is cached (`Caches.block_inputs`), as are the FP tar
 outputs and logits, once per data refresh). Candidates then run blocks `l..L-1` and the head,
 `vmap`ped, in chunks of `chunk_size` (`lax.map`) when memory is short, and sharded over a
 `Mesh` with a `"pop"` axis (`shard_map`): every candidate sees the same images and tokens.
+The Fisher weights of the "fisher" block loss are cached too, only when that loss is used.
 """
 
 import functools
@@ -18,7 +19,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from clamp_jax.search.fitness import fitness
+from clamp_jax.models.vit import Encoder1DBlock
+from clamp_jax.search.fitness import Fitness
 
 
 @struct.dataclass
@@ -26,6 +28,7 @@ class Caches:
   block_inputs: jax.Array  # [L, B, N, D] under the current quantized model
   fp_blocks: jax.Array     # [L, B, N, D] FP block outputs
   fp_logits: jax.Array     # [B, classes]
+  fisher: Optional[jax.Array] = None  # [L, B, N, D] g^2 of the "fisher" block loss, else None
 
 
 def block_key(block: int) -> str:
@@ -36,6 +39,34 @@ def with_block(qparams: dict, block: int, candidate: dict) -> dict:
   """`qparams` with block `block`'s sites replaced by `candidate`."""
   transformer = dict(qparams["Transformer"], **{block_key(block): candidate})
   return dict(qparams, Transformer=transformer)
+
+
+def fisher_weights(model: nn.Module, params, images: jax.Array) -> jax.Array:
+  """`[L, B, N, D]`: `g^2`, `g` the gradient of the FP model's cross-entropy to its own argmax
+  label (summed over images, so each image's `g` is its own) w.r.t. each block's output.
+
+  One forward and backward: a zero `delta[l]` is added to block `l`'s output (intercepted), and
+  the gradient w.r.t. `delta` is taken at zero.
+  """
+  blocks = jax.eval_shape(
+      lambda x: model.apply({"params": params}, x, return_intermediates=True)[1]["block"], images)
+
+  def add_delta(delta):
+    def intercept(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if isinstance(context.module, Encoder1DBlock) and context.method_name == "__call__":
+        block = int(context.module.name.rsplit("_", 1)[1])
+        return (out[0] + delta[block],) + tuple(out[1:])
+      return out
+    return intercept
+
+  def cross_entropy(delta):
+    with nn.intercept_methods(add_delta(delta)):
+      logits = model.apply({"params": params}, images)
+    labels = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1))
+    return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
+
+  return jnp.square(jax.grad(cross_entropy)(jnp.zeros(blocks.shape, blocks.dtype)))
 
 
 def population_mesh(devices=None) -> Mesh:
@@ -67,11 +98,16 @@ def map_sharded(one: Callable[[dict], jax.Array], population: dict, mesh: Mesh,
 
 
 class BlockEvaluator:
-  """Fitness of candidates for block `l`, vmapped, chunked and sharded."""
+  """Fitness of candidates for block `l`, vmapped, chunked and sharded.
+
+  `fitness` defaults to `Fitness.from_config(cfg)`; `cfg` also gives `block_tokens` and
+  `chunk_size`.
+  """
 
   def __init__(self, model: nn.Module, params, cfg: ml_collections.ConfigDict,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None, fitness: Optional[Fitness] = None):
     self.model, self.params, self.cfg = model, params, cfg
+    self.fitness = fitness or Fitness.from_config(cfg)
     self.mesh = mesh or population_mesh()
 
   def caches(self, qparams: dict, images: jax.Array) -> Caches:
@@ -83,7 +119,8 @@ class BlockEvaluator:
     fp_logits, fp = self.model.apply({"params": params}, images, return_intermediates=True)
     _, q = self.model.apply({"params": params, "quant": qparams}, images,
                             return_intermediates=True)
-    return Caches(q["block_in"], fp["block"], fp_logits)
+    fisher = fisher_weights(self.model, params, images) if self.fitness.needs_fisher else None
+    return Caches(q["block_in"], fp["block"], fp_logits, fisher)
 
   def token_sample(self, key: jax.Array, caches: Caches) -> jax.Array:
     """The tokens L_C2 compares (the same for every candidate of a generation)."""
@@ -91,14 +128,23 @@ class BlockEvaluator:
     n = min(self.cfg.block_tokens, total)
     return jax.random.choice(key, total, (n,), replace=False)
 
+  def candidate_outputs(self, block: int, params, qparams: dict, block_in: jax.Array,
+                        candidate: dict):
+    """`(block output, logits)` of `qparams` with `candidate` for block `block`, from the stream
+    `block_in` entering it (runs blocks `block..L-1` and the head)."""
+    variables = {"params": params, "quant": with_block(qparams, block, candidate)}
+    logits, inter = self.model.apply(variables, block_in, return_intermediates=True,
+                                     start_block=block)
+    return inter["block"][0], logits
+
   def candidate_fitness(self, block: int, params, qparams: dict, caches: Caches,
                         sample: jax.Array, candidate: dict) -> jax.Array:
-    """One candidate's fitness (runs blocks `block..L-1` and the head)."""
-    variables = {"params": params, "quant": with_block(qparams, block, candidate)}
-    logits, inter = self.model.apply(variables, caches.block_inputs[block],
-                                     return_intermediates=True, start_block=block)
-    return fitness(self.cfg, inter["block"][0], caches.fp_blocks[block], logits,
-                   caches.fp_logits, sample)
+    """One candidate's fitness."""
+    q_block, logits = self.candidate_outputs(block, params, qparams, caches.block_inputs[block],
+                                             candidate)
+    fisher = None if caches.fisher is None else caches.fisher[block]
+    return self.fitness(q_block, caches.fp_blocks[block], logits, caches.fp_logits, sample,
+                        fisher)
 
   def score(self, block: int, population: dict, qparams: dict, caches: Caches,
             sample: jax.Array) -> jax.Array:

@@ -1,0 +1,105 @@
+"""AdaRound's quantizer and the block-wise rounding reconstruction (`config.reconstruct`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clamp_jax.models.quantized import quant_config
+from clamp_jax.quant import adaround
+from clamp_jax.quant.uniform import fake_quant
+from clamp_jax.search import reconstruct, reconstruct_config
+from clamp_jax.quant.params import flatten
+from clamp_jax.search.reconstruct import EMBEDDING_KERNEL, block_weight_sites, validate
+from conftest import calibrated_tiny
+
+
+def grid(seed=0, bits=3, shape=(16, 8)):
+  """`(w, scale, zero_point, bits)`: random weights and their per-column min-max grid."""
+  w = jax.random.normal(jax.random.PRNGKey(seed), shape)
+  lo, hi = w.min(0, keepdims=True), w.max(0, keepdims=True)
+  scale = (hi - lo) / (2 ** bits - 1)
+  return w, scale, jnp.round(-lo / scale), bits
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_soft_rounding_starts_at_the_weight_and_hard_rounding_is_floor_or_ceil(seed):
+  w, scale, zp, bits = grid(seed)
+  v = adaround.init_logits(w, scale)
+  soft = adaround.adaround_fake_quant(w, v, scale, zp, bits)
+  inside = (w / scale + zp >= 0) & (w / scale + zp <= 2 ** bits - 1)  # not clipped by the grid
+  assert float(inside.mean()) > 0.8
+  np.testing.assert_allclose(jnp.where(inside, soft, w), w,
+                             atol=2e-3 * float(scale.max()))  # the clip of init_logits
+  hard = adaround.adaround_fake_quant(w, v, scale, zp, bits, hard=True)
+  down = (jnp.floor(w / scale + 1e-6)) * scale
+  steps = np.asarray((hard - down) / scale)
+  assert np.all((np.abs(steps) < 1e-4) | (np.abs(steps - 1) < 1e-4))  # one of the two neighbours
+  np.testing.assert_allclose(fake_quant(hard, scale, zp, bits), hard, atol=1e-6)  # on the grid
+  assert float(jnp.max(jnp.abs(hard - w) / scale)) <= 1.0 + 1e-5
+
+
+def test_penalty_vanishes_at_hard_choices_and_gradient_reaches_the_logits():
+  assert float(adaround.rounding_penalty(jnp.array([-30.0, 30.0]), 2.0)) < 1e-6
+  assert float(adaround.rounding_penalty(jnp.array([0.0]), 2.0)) > 0.9
+  w, scale, zp, bits = grid()
+  v = adaround.init_logits(w, scale)
+  g = jax.grad(lambda v: jnp.sum(adaround.adaround_fake_quant(w, v, scale, zp, bits) ** 2))(v)
+  assert float(jnp.abs(g).sum()) > 0
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return calibrated_tiny(quant_config(w_bits=3, a_bits=4))[1:]
+
+
+def block_error(model, params, qparams, images, block):
+  """Mean squared error of block `block`'s output, quantized model against float."""
+  _, fp = model.apply({"params": params}, images, return_intermediates=True)
+  _, q = model.apply({"params": params, "quant": qparams}, images, return_intermediates=True)
+  return float(jnp.mean(jnp.square(q["block"][block] - fp["block"][block])))
+
+
+def test_reconstruction_moves_kernels_to_a_neighbouring_grid_point_and_lowers_the_error(tiny):
+  model, params, images, qparams = tiny
+  cfg = reconstruct_config(steps=150, loss="mse", quantized_input=1.0, lr=5e-2)
+  rounded, history = reconstruct(model, params, qparams, images, cfg)
+  assert [h["block"] for h in history] == ["embedding", 0, 1]
+  sites = {**block_weight_sites(qparams, 0), **block_weight_sites(qparams, 1),
+           EMBEDDING_KERNEL: flatten(qparams)[EMBEDDING_KERNEL]}
+  assert len(sites) == 13  # the embedding; query, key, value, out, Dense_0, Dense_1 per block
+  flat = lambda p: {k: v for k, v in jax.tree_util.tree_flatten_with_path(p)[0]}
+  before = {jax.tree_util.keystr(k): v for k, v in flat(params).items()}
+  after = {jax.tree_util.keystr(k): v for k, v in flat(rounded).items()}
+  changed = [k for k in before if not np.array_equal(before[k], after[k])]
+  assert len(changed) == 13 and all(k.endswith("['kernel']") for k in changed)
+  for path, site in sites.items():
+    kernel = rounded
+    for part in path.split("/"):
+      kernel = kernel[part]
+    view = kernel.reshape(-1, site.scale.shape[-1])
+    np.testing.assert_allclose(site(view), view, atol=1e-5, err_msg=path)  # on the grid
+    original = before["".join(f"['{p}']" for p in path.split("/"))].reshape(view.shape)
+    assert float(jnp.max(jnp.abs(view - original) / site.scale)) <= 1.0 + 1e-4, path
+  # The learned rounding reconstructs each unit better than rounding to nearest.
+  assert all(h["after"] < h["before"] for h in history)
+  assert block_error(model, rounded, qparams, images, 1) < block_error(
+      model, params, qparams, images, 1)
+
+
+def test_embedding_and_blocks_can_be_left_out(tiny):
+  model, params, images, qparams = tiny
+  cfg = reconstruct_config(steps=2, blocks=False)
+  rounded, history = reconstruct(model, params, qparams, images, cfg)
+  assert [h["block"] for h in history] == ["embedding"]
+  np.testing.assert_array_equal(rounded["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"],
+                                params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"])
+  _, history = reconstruct(model, params, qparams, images, reconstruct_config(steps=2, embedding=False))
+  assert [h["block"] for h in history] == [0, 1]
+
+
+@pytest.mark.parametrize("field,value", [("steps", 0), ("loss", "l1"), ("quantized_input", 1.5),
+                                         ("warmup", 1.0), ("lr", 0.0)])
+def test_impossible_reconstruct_settings_are_named(field, value):
+  with pytest.raises(ValueError, match=f"config.reconstruct.{field}"):
+    validate(reconstruct_config(**{field: value}))
