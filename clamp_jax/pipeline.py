@@ -124,11 +124,14 @@ def run_search(config, model, params, state: RunState, checkpoints: RunCheckpoin
   return state
 
 
-def finish(config, model, params, state: RunState, workdir: str, extra: dict) -> dict:
-  """Evaluates, then writes QuantParams, the integer export, the report and results.json
-  (with `extra`)."""
+def finish(config, model, params, state: RunState, workdir: str, rounded=None,
+           extra=None) -> dict:
+  """Evaluates, then writes QuantParams, the integer export, the report and results.json (with
+  `extra`). `params` are the float model's; `rounded` (default: `params`) the ones quantized."""
   t0 = time.time()
+  extra = extra or {}
   fp = evaluate_params(config, model, params)
+  params = params if rounded is None else rounded
   quant = evaluate_params(config, model, params, {"quant": state.qparams})
   results = dict(fp_top1=fp["top1"], quant_top1=quant["top1"], n=quant["n"], **state.info,
                  model=config.model.name or os.path.basename(config.model.checkpoint),
@@ -181,12 +184,14 @@ def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params = fold(params, state.reparam)  # the model the QuantParams were calibrated on
   if config.search.enabled:
     state = run_search(config, model, params, state, checkpoints, workdir)
-  extra = {}
+  rounded, extra = None, {}
   if config.reconstruct.enabled:
     t0 = time.time()
-    params, extra["reconstruct"] = reconstruct(model, params, state.qparams, state.images,
-                                               config.reconstruct)
+    extra["before_reconstruct_top1"] = evaluate_params(config, model, params,
+                                                       {"quant": state.qparams})["top1"]
+    rounded, extra["reconstruct"] = reconstruct(model, params, state.qparams, state.images,
+                                                config.reconstruct)
     extra["reconstruct_seconds"] = time.time() - t0
-  results = finish(config, model, params, state, workdir, extra)
+  results = finish(config, model, params, state, workdir, rounded, extra)
   checkpoints.close()
   return results

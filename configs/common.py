@@ -49,6 +49,16 @@ def quant_from_args(args: set, **overrides) -> ml_collections.ConfigDict:
   return quant_config(w_bits=w_bits, a_bits=a_bits, mixed="mp" in args, **overrides)
 
 
+RECONSTRUCT_MAX_W_BITS = 3  # the rounding reconstruction is on by default at these weight bits
+
+
+def reconstruct_from_args(args: set, quant: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.reconstruct`: on for the full cycle at <= 3-bit weights (+2.8 points at W3/A4 on
+  held-in images, BENCHMARKS.md; not yet measured at 4 bits), off with `minmax`."""
+  return reconstruct_config(
+      enabled="minmax" not in args and quant.w_bits <= RECONSTRUCT_MAX_W_BITS)
+
+
 def imagenet_config(model_name: str, preset: str, arg: str = "") -> ml_collections.ConfigDict:
   """The full CLAMP cycle with the paper's schedule for the preset `model_name` on ImageNet.
 
@@ -70,5 +80,5 @@ def imagenet_config(model_name: str, preset: str, arg: str = "") -> ml_collectio
   # The paper's schedule: 500 steps of generation, 50-step refreshes, P = 10, C = 6, K = 15.
   config.generate = generate_config(steps=500, refresh_steps=50)
   config.search = search_config(enabled="minmax" not in args)
-  config.reconstruct = reconstruct_config()
+  config.reconstruct = reconstruct_from_args(args, config.quant)
   return config

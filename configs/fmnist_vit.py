@@ -8,7 +8,8 @@
 Arguments (after a colon, comma-separated): a bit preset `w8a8` (default), `w6a6`, `w4a8`,
 `w4a4`, `w3a8`, `w3a4`, `w4a3`, `w3a3`, `w2a8` (protocol `config.quant.sites`, `matmul`); `mp` searches mixed precision within the uniform W4/A8 model's size (starting from
 `w4a8` unless a bit preset is given); `minmax` turns the search off (min-max calibration on the
-generated images only); `paper` uses the paper's schedule (10 passes, 50-step refreshes) instead
+generated images only; the cycle learns the weights' rounding after the search at <= 3-bit
+weights, `config.reconstruct`); `paper` uses the paper's schedule (10 passes, 50-step refreshes) instead
 of the reduced one that fits 2 CPU cores; `tiny` shrinks model and schedule for tests.
 """
 
@@ -18,8 +19,8 @@ import ml_collections
 
 from clamp_jax.generate import generate_config
 from clamp_jax.models import model_config
-from clamp_jax.search import reconstruct_config, search_config
-from configs.common import parse_args, quant_from_args
+from clamp_jax.search import search_config
+from configs.common import parse_args, quant_from_args, reconstruct_from_args
 
 REFERENCE_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                                     "checkpoints", "fmnist_vit.npz")
@@ -45,7 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.quant = quant_from_args(args)
   config.generate = generate_config()
   config.search = search_config(enabled="minmax" not in args)
-  config.reconstruct = reconstruct_config()
+  config.reconstruct = reconstruct_from_args(args, config.quant)
   if "paper" not in args:  # reduced schedule: the full cycle in under 15 minutes on 2 CPU cores
     config.generate.update(refresh_steps=25)
     config.search.update(passes=3)
@@ -56,4 +57,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.calib.num_images = 8
     config.generate.update(steps=4, refresh_steps=2, warmup_steps=1)
     config.search.update(passes=1, generations=2, population=4, children=4, tournament=3)
+    config.reconstruct.steps = 4
   return config

@@ -152,7 +152,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, checkpoint, env, refere
 
   results, expected = (read_json(os.path.join(d, "results.json")) for d in (workdir, reference))
   for key in ("fp_top1", "quant_top1", "w_bits", "a_bits", "w_bits_weighted", "a_bits_weighted",
-              "size_vs_w4a8", "minmax_top1", "misprediction_rate", "reconstruct"):
+              "size_vs_w4a8", "minmax_top1", "misprediction_rate", "reconstruct",
+              "before_reconstruct_top1"):
     assert results[key] == expected[key], key
   fitness = lambda r: [(h["pass_"], h["block"], h["fitness_before"], h["fitness_after"])
                        for h in r["search_history"]]
@@ -170,7 +171,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, checkpoint, env, refere
   assert read_json(os.path.join(workdir, "results.json")) == results
 
 
-def test_finished_run_writes_results_and_report(reference):
+def test_finished_run_writes_results_and_report(tmp_path, reference, checkpoint, env):
   """results.json, report.md, plots, metrics, TensorBoard events, QuantParams, the export."""
   results = read_json(os.path.join(reference, "results.json"))
   for key in ("fp_top1", "quant_top1", "w_bits", "a_bits", "w_bits_weighted", "a_bits_weighted",
@@ -184,6 +185,12 @@ def test_finished_run_writes_results_and_report(reference):
       [(p, b) for p in range(3) for b in (1, 0)]
   assert [h["block"] for h in results["reconstruct"]] == ["embedding", 0, 1]  # first to last
   assert all(h["before"] > 0 and h["after"] > 0 for h in results["reconstruct"])
+  assert 0 <= results["before_reconstruct_top1"] <= 100
+  launch("--config=configs/fmnist_vit.py:tiny", "--mode=eval", f"--workdir={tmp_path}",
+         f"--config.model.checkpoint={checkpoint}", f"--config.eval.num_images={NUM_EVAL}",
+         env=env)
+  # fp_top1 is the float checkpoint's, not that of the rounded weights without their quantizers
+  assert read_json(os.path.join(tmp_path, "eval.json"))["top1"] == results["fp_top1"]
 
   with open(os.path.join(reference, "report.md")) as f:
     report = f.read()

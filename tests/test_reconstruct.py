@@ -103,3 +103,11 @@ def test_embedding_and_blocks_can_be_left_out(tiny):
 def test_impossible_reconstruct_settings_are_named(field, value):
   with pytest.raises(ValueError, match=f"config.reconstruct.{field}"):
     validate(reconstruct_config(**{field: value}))
+
+
+@pytest.mark.parametrize("arg,enabled", [("w3a4", True), ("w2a8", True), ("w3a4,minmax", False),
+                                         ("w4a4", False), ("", False)])
+def test_the_cycle_reconstructs_by_default_at_three_bit_weights_and_below(arg, enabled):
+  from configs import deit_s, fmnist_vit
+  assert fmnist_vit.get_config(arg).reconstruct.enabled == enabled
+  assert deit_s.get_config(arg).reconstruct.enabled == enabled

@@ -34,8 +34,8 @@ def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
   """A `config.reconstruct` section with its defaults, then `overrides`."""
   cfg = ml_collections.ConfigDict(dict(
       enabled=False,
-      loss="fisher",      # "fisher": squared error weighted by the FP model's g^2; "mse": plain
-      steps=500,          # optimizer steps per block
+      loss="mse",         # "mse", or "fisher": squared error weighted by the FP model's g^2
+      steps=100,          # optimizer steps per unit (the embedding, each block)
       lr=1e-2,            # Adam on the rounding logits
       penalty=0.01,       # weight of the rounding penalty
       beta_start=20.0, beta_end=2.0,
@@ -44,8 +44,8 @@ def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
       embedding=True,     # the patch embedding's kernel first (its output against the float one)
       blocks=True,        # then every block's kernels, first to last
       # Each element of the block's input is the quantized stream's with this probability, else
-      # the float stream's (QDrop); 1.0: BRECQ (the quantized stream), 0.0: the float stream.
-      quantized_input=0.5,
+      # the float stream's: 1.0 BRECQ (the quantized stream), 0.5 QDrop, 0.0 the float stream.
+      quantized_input=1.0,
       seed=0))
   cfg.update(overrides)
   return cfg
