@@ -6,7 +6,8 @@ a markdown table.
       --rows=gaussian:no,real:no,psaq:no,clamp:no,clamp:yes
 
 A row `SOURCE:yes` runs the block-wise search (with `clamp`/`psaq`, the full cycle: the images
-are refreshed during the search); `SOURCE:no` is min-max calibration only. The `mp` presets
+are refreshed during the search; then the rounding reconstruction where `config.reconstruct`
+is on); `SOURCE:no` is min-max calibration only (the reconstruction off). The `mp` presets
 (`mp`, or `mp+w4a4` for mixed precision under the uniform W4/A4 model) search bits, so only
 their `:yes` rows run. With `--seeds=N` each row runs N times
 (`--config.{calib,generate,search}.seed=S` for S in 0..N-1) and shows the mean and the range
@@ -40,6 +41,8 @@ def run(preset: str, source: str, search: bool, seed: int) -> tuple:
           f"--config.calib.source={source}", f"--config.search.enabled={search}",
           f"--config.calib.seed={seed}", f"--config.generate.seed={seed}",
           f"--config.search.seed={seed}"]
+  if not search:  # min-max only: no rounding reconstruction either
+    args.append("--config.reconstruct.enabled=False")
   args += [f"--config.{o}" for o in FLAGS.overrides]
   command = "python launch.py " + " ".join(args)
   done = subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT,

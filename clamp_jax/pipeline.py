@@ -186,6 +186,10 @@ def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = run_search(config, model, params, state, checkpoints, workdir)
   rounded, extra = None, {}
   if config.reconstruct.enabled:
+    if config.calib.source == "gaussian":
+      logging.warning("config.reconstruct on Gaussian noise fits the rounding to the noise "
+                      "(-8 points on a Fashion-MNIST ViT at W3/A4, BENCHMARKS.md); use generated "
+                      "or real images, or --config.reconstruct.enabled=False")
     t0 = time.time()
     extra["before_reconstruct_top1"] = evaluate_params(config, model, params,
                                                        {"quant": state.qparams})["top1"]
