@@ -29,7 +29,7 @@ from clamp_jax.models import build_model, model_config  # noqa: E402
 from clamp_jax.models.checkpoints import load_checkpoint  # noqa: E402
 from clamp_jax.models.quantized import calibrate, quant_config  # noqa: E402
 from clamp_jax.search import BlockEvaluator, EvolQ, population_mesh, search_config, with_block  # noqa: E402
-from clamp_jax.search.fitness import fitness  # noqa: E402
+from clamp_jax.search.fitness import Fitness  # noqa: E402
 from clamp_jax.search.strategy import take  # noqa: E402
 from configs import fmnist_vit  # noqa: E402
 
@@ -95,8 +95,8 @@ def measure(name):
     """Evol-Q: the quantized model from the images; FP targets cached as in (b)-(d)."""
     variables = {"params": params, "quant": with_block(qparams, block, candidate)}
     logits, inter = model.apply(variables, images, return_intermediates=True)
-    return fitness(cfg, inter["block"][block], caches.fp_blocks[block], logits,
-                   caches.fp_logits, sample)
+    return Fitness.from_config(cfg)(inter["block"][block], caches.fp_blocks[block], logits,
+                                    caches.fp_logits, sample)
 
   cached_one = jax.jit(functools.partial(one_device.candidate_fitness, block))
   rows = {

@@ -13,7 +13,7 @@ import pytest
 from clamp_jax.models.quantized import quant_config
 from clamp_jax.quant.params import flatten
 from clamp_jax.search import BlockEvaluator, EvolQ, population_mesh, search, search_config, with_block
-from clamp_jax.search.fitness import fitness
+from clamp_jax.search.fitness import Fitness
 from clamp_jax.search.loop import search_block, strategy_from
 from clamp_jax.search.strategy import take
 from conftest import calibrated_tiny
@@ -89,7 +89,7 @@ def test_block_cached_vmapped_scores_equal_whole_model_one_by_one(setup):
   for i in range(6):  # the whole model, one candidate at a time: no caches at all
     q = with_block(qparams, 0, take(population, i))
     logits, inter = model.apply({"params": params, "quant": q}, images, return_intermediates=True)
-    want = fitness(cfg, inter["block"][0], fp["block"][0], logits, fp_logits, sample)
+    want = Fitness.from_config(cfg)(inter["block"][0], fp["block"][0], logits, fp_logits, sample)
     np.testing.assert_allclose(scores[i], want, rtol=1e-5)
   assert len(set(np.round(np.asarray(scores), 6))) > 1
 

@@ -122,8 +122,3 @@ class Fitness:
                                            self.temperature)
     return total
 
-
-def fitness(cfg: ml_collections.ConfigDict, q_block: jax.Array, fp_block: jax.Array,
-            q_logits: jax.Array, fp_logits: jax.Array, token_sample: jax.Array) -> jax.Array:
-  """The paper's `L_F = w_block * L_C2 + w_output * L_O` with `config.search`'s settings."""
-  return Fitness.from_config(cfg)(q_block, fp_block, q_logits, fp_logits, token_sample)

@@ -11,7 +11,7 @@ other params.
 """
 
 import functools
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 from absl import logging
 import flax
@@ -53,9 +53,8 @@ def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first impossible `config.reconstruct` value."""
-  for field in ("steps",):
-    if cfg[field] < 1:
-      raise ValueError(f"config.reconstruct.{field}={cfg[field]} must be at least 1")
+  if cfg.steps < 1:
+    raise ValueError(f"config.reconstruct.steps={cfg.steps} must be at least 1")
   for field in ("lr", "beta_start", "beta_end"):
     if cfg[field] <= 0:
       raise ValueError(f"config.reconstruct.{field}={cfg[field]} must be positive")
@@ -194,32 +193,33 @@ def reconstruct_block(model, params: dict, qparams: dict, block: int, block_in: 
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _streams(model, float_params, params, qparams, images):
-  """`(block inputs of params under qparams, FP block inputs, FP block outputs)`, each
-  `[L, B, N, D]`; FP: the float model `float_params`."""
-  _, fp = model.apply({"params": float_params}, images, return_intermediates=True)
-  _, q = model.apply({"params": params, "quant": qparams}, images, return_intermediates=True)
-  return q["block_in"], fp["block_in"], fp["block"]
+def _streams(model, params, qparams, images):
+  """`(block inputs, block outputs)` of `params` under `qparams` (none: the float model), each
+  `[L, B, N, D]`."""
+  _, inter = model.apply({"params": params, "quant": qparams}, images, return_intermediates=True)
+  return inter["block_in"], inter["block"]
 
 
-def error_weights(model, params, images: jax.Array, loss: str) -> jax.Array:
-  """`[L, B, N, D]` weights of each block output's squared error: ones ("mse"), or the FP
-  model's `g^2` w.r.t. the block output ("fisher", BRECQ's diagonal Fisher), each block's
+def error_weights(model, params, images: jax.Array, loss: str,
+                  shape: Tuple[int, ...]) -> jax.Array:
+  """`[L, B, N, D]` (`shape`) weights of each block output's squared error: ones ("mse"), or the
+  FP model's `g^2` w.r.t. the block output ("fisher", BRECQ's diagonal Fisher), each block's
   scaled to mean 1."""
   if loss == "mse":
-    return jnp.ones(_streams(model, params, params, {}, images)[2].shape)
+    return jnp.ones(shape)
   weights = fisher_weights(model, params, images)
   return weights / jnp.mean(weights, axis=(1, 2, 3), keepdims=True)
 
 
 def reconstruct(model, params, qparams: dict, images: jax.Array,
                 cfg: ml_collections.ConfigDict):
-  """`(params, history)`: `params` with every block's kernels rounded by AdaRound on `images`
-  (first block to last), and per block the reconstruction error before and after."""
+  """`(params, history)`: `params` with the patch embedding's and every block's kernels rounded
+  by AdaRound on `images` (first to last), and per unit the reconstruction error before and
+  after."""
   validate(cfg)
-  float_params = params
+  fp_block_in, targets = _streams(model, params, {}, images)  # the float model's, once
   key = jax.random.PRNGKey(cfg.seed)
-  weights = error_weights(model, params, images, cfg.loss)
+  weights = error_weights(model, params, images, cfg.loss, targets.shape)
   history = []
   if cfg.embedding and EMBEDDING_KERNEL in flatten(qparams):  # before any block: float params
     rounded, errors = reconstruct_embedding(model, params, qparams, images, cfg,
@@ -229,9 +229,9 @@ def reconstruct(model, params, qparams: dict, images: jax.Array,
     logging.info("reconstruct the patch embedding: error %.4g -> %.4g", errors["before"],
                  errors["after"])
   for block in range(model.num_layers if cfg.blocks else 0):
-    block_in, fp_block_in, target = _streams(model, float_params, params, qparams, images)
+    block_in = _streams(model, params, qparams, images)[0]  # earlier units rounded
     rounded, errors = reconstruct_block(model, params, qparams, block, block_in[block],
-                                        fp_block_in[block], target[block], weights[block], cfg,
+                                        fp_block_in[block], targets[block], weights[block], cfg,
                                         jax.random.fold_in(key, block))
     params = flax.traverse_util.unflatten_dict(dict(_flat(params), **rounded), sep="/")
     history.append(dict(block=block, **errors))
