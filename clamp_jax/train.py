@@ -1,4 +1,5 @@
-"""Float training of a ViT with optax (used for the Fashion-MNIST reference model), resumable with orbax."""
+"""Float training of a ViT or Swin with optax (used for the Fashion-MNIST reference models),
+resumable with orbax."""
 
 import os
 import time
@@ -15,8 +16,9 @@ import orbax.checkpoint as ocp
 from clamp_jax import data as data_lib
 from clamp_jax.data.preprocess import channel_stats
 from clamp_jax.evaluate import evaluate_params
-from clamp_jax.models import build_model
+from clamp_jax.models import build_model, model_family
 from clamp_jax.models.checkpoints import load_checkpoint, save_vit_npz
+from clamp_jax.models.checkpoints.swin_timm import save_timm_swin
 
 
 @flax.struct.dataclass
@@ -49,7 +51,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config.model` on `config.data`; writes `workdir/params.npz` (vision_transformer format)."""
+  """Trains `config.model` on `config.data`; writes `workdir/params.npz` (vision_transformer
+  format; a Swin's in timm's layout)."""
   cfg = config.train
   model = build_model(config.model)
   images_u8, labels = data_lib.load_arrays(config.data, "train")
@@ -108,7 +111,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(msg, flush=True)
 
   out = os.path.join(workdir, "params.npz")
-  save_vit_npz(out, jax.device_get(state.params))
+  save = save_timm_swin if model_family(config.model) == "swin" else save_vit_npz
+  save(out, jax.device_get(state.params))
   result = evaluate_params(config, model, state.params)
   result.update(checkpoint=out, train_seconds=time.time() - t0, epochs=cfg.epochs)
   return result

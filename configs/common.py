@@ -1,4 +1,5 @@
-"""Pieces every config shares: the `:ARG` parser, bit presets and the ImageNet model configs.
+"""Pieces every config shares: the `:ARG` parser, bit presets, the Fashion-MNIST cycle around a
+model (`fmnist_config`) and the ImageNet model configs (`imagenet_config`).
 
 An ImageNet config is `get_config(arg)` in `configs/NAME.py`, one line over `imagenet_config`;
 arguments after the colon, comma-separated: a bit preset (`w8a8`, `w6a6`, `w4a8`, `w4a4`,
@@ -12,13 +13,16 @@ import ml_collections
 
 from clamp_jax.data.folder import IMAGENET_MEAN, IMAGENET_STD
 from clamp_jax.generate import generate_config
-from clamp_jax.models import model_config
+from clamp_jax.models import SWIN_PRESETS, model_config, model_family, swin_config
 from clamp_jax.models.quantized import quant_config
 from clamp_jax.search import reconstruct_config, search_config
 
 BIT_PRESETS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a8": (4, 8), "w4a4": (4, 4), "w3a8": (3, 8),
                "w3a4": (3, 4), "w4a3": (4, 3), "w3a3": (3, 3), "w2a8": (2, 8)}
 MIXED_START = "w4a8"  # mixed precision starts from, and is budgeted against, uniform W4/A8
+
+SWIN_GENERATOR_LR = 0.25  # the generator's learning rate for a Swin (PSAQ-ViT, the paper)
+FMNIST_FLAGS = ("tiny", "minmax", "paper")
 
 # (normalisation mean, std) of each evaluation preset of clamp_jax.data.folder
 PRESET_STATS = {"deit": (list(IMAGENET_MEAN), list(IMAGENET_STD)), "vit": (0.5, 0.5)}
@@ -59,11 +63,58 @@ def reconstruct_from_args(args: set, quant: ml_collections.ConfigDict) -> ml_col
       enabled="minmax" not in args and quant.w_bits <= RECONSTRUCT_MAX_W_BITS)
 
 
-def imagenet_config(model_name: str, preset: str, arg: str = "") -> ml_collections.ConfigDict:
-  """The full CLAMP cycle with the paper's schedule for the preset `model_name` on ImageNet.
+def generate_for(model: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """`config.generate` for `model` (a Swin's learning rate is `SWIN_GENERATOR_LR`), then
+  `overrides`."""
+  if model_family(model) == "swin":
+    overrides = dict(dict(lr=SWIN_GENERATOR_LR), **overrides)
+  return generate_config(**overrides)
 
-  Set `config.model.checkpoint` (a vision_transformer/big_vision `.npz` or timm `.safetensors`)
-  and `config.data.dir` (an ImageNet validation folder of class sub-folders), e.g.
+
+def fmnist_config(model: ml_collections.ConfigDict, args: set, tiny_model: dict,
+                  train_epochs: int = 20) -> ml_collections.ConfigDict:
+  """The CLAMP cycle on Fashion-MNIST around `model` (its `config.model`), from the parsed
+  `args`: a bit preset, `mp`, `minmax`; `paper`: the paper's schedule (10 passes, 50-step
+  refreshes) instead of the reduced one that fits 2 CPU cores; `tiny`: the model shrunk by
+  `tiny_model` and the schedule for tests and smoke runs. `--mode=train` trains
+  `train_epochs` epochs."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.distributed = False  # True: jax.distributed.initialize() first (multi-host)
+  config.model = model
+  config.data = ml_collections.ConfigDict(dict(
+      name="fashion_mnist", dir="", mean=0.2860, std=0.3530, preset="", tfds_name=""))
+  config.train = ml_collections.ConfigDict(dict(
+      epochs=train_epochs, batch_size=128, lr=1e-3, warmup_steps=500, weight_decay=0.05,
+      grad_clip=1.0, label_smoothing=0.1, augment_pad=2, augment_flip=True, eval_every=2,
+      init_checkpoint=""))  # fine-tune from this float checkpoint instead of a random init
+  config.eval = ml_collections.ConfigDict(dict(batch_size=500, num_images=0, split=""))
+  config.calib = ml_collections.ConfigDict(dict(source="clamp", num_images=32, seed=0))
+  config.quant = quant_from_args(args)
+  config.generate = generate_for(model)
+  config.search = search_config(enabled="minmax" not in args)
+  config.reconstruct = reconstruct_from_args(args, config.quant)
+  if "paper" not in args:  # reduced schedule: the full cycle in under 15 minutes on 2 CPU cores
+    config.generate.update(refresh_steps=25)
+    config.search.update(passes=3)
+  if "tiny" in args:
+    config.model.update(tiny_model)
+    config.train.update(epochs=1, batch_size=64, eval_every=0)
+    config.eval.update(batch_size=100, num_images=200)
+    config.calib.num_images = 8
+    config.generate.update(steps=4, refresh_steps=2, warmup_steps=1)
+    config.search.update(passes=1, generations=2, population=4, children=4, tournament=3)
+    config.reconstruct.steps = 4
+  return config
+
+
+def imagenet_config(model_name: str, preset: str, arg: str = "") -> ml_collections.ConfigDict:
+  """The full CLAMP cycle with the paper's schedule for the preset `model_name` (a ViT/DeiT of
+  `PRESETS` or a Swin of `SWIN_PRESETS`) on ImageNet.
+
+  Set `config.model.checkpoint` (a vision_transformer/big_vision `.npz` or timm `.safetensors`;
+  a timm Swin file for a Swin) and `config.data.dir` (an ImageNet validation folder of class
+  sub-folders), e.g.
   `--config.model.checkpoint=deit_small_patch16_224.safetensors --config.data.dir=/data/imagenet`.
   """
   args = parse_args(arg, flags=("minmax",))
@@ -71,14 +122,14 @@ def imagenet_config(model_name: str, preset: str, arg: str = "") -> ml_collectio
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.distributed = False  # True: jax.distributed.initialize() first (multi-host TPU/GPU)
-  config.model = model_config(model_name)
+  config.model = swin_config(model_name) if model_name in SWIN_PRESETS else model_config(model_name)
   config.data = ml_collections.ConfigDict(dict(
       name="folder", dir="", mean=mean, std=std, preset=preset, tfds_name=""))
   config.eval = ml_collections.ConfigDict(dict(batch_size=250, num_images=0, split=""))
   config.calib = ml_collections.ConfigDict(dict(source="clamp", num_images=32, seed=0))
   config.quant = quant_from_args(args)
   # The paper's schedule: 500 steps of generation, 50-step refreshes, P = 10, C = 6, K = 15.
-  config.generate = generate_config(steps=500, refresh_steps=50)
+  config.generate = generate_for(config.model, steps=500, refresh_steps=50)
   config.search = search_config(enabled="minmax" not in args)
   config.reconstruct = reconstruct_from_args(args, config.quant)
   return config

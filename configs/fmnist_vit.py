@@ -17,45 +17,17 @@ import os
 
 import ml_collections
 
-from clamp_jax.generate import generate_config
 from clamp_jax.models import model_config
-from clamp_jax.search import search_config
-from configs.common import parse_args, quant_from_args, reconstruct_from_args
+from configs.common import FMNIST_FLAGS, fmnist_config, parse_args
 
 REFERENCE_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                                     "checkpoints", "fmnist_vit.npz")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = parse_args(arg, flags=("tiny", "minmax", "paper"))
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.distributed = False  # True: jax.distributed.initialize() first (multi-host)
-  config.model = model_config(
+  model = model_config(
       image_size=28, channels=1, patch_size=4, hidden_size=96, num_layers=6, num_heads=3,
       mlp_dim=192, num_classes=10, pool="tok", gelu_approximate=False,
       checkpoint=os.path.normpath(REFERENCE_CHECKPOINT))
-  config.data = ml_collections.ConfigDict(dict(
-      name="fashion_mnist", dir="", mean=0.2860, std=0.3530, preset="", tfds_name=""))
-  config.train = ml_collections.ConfigDict(dict(
-      epochs=20, batch_size=128, lr=1e-3, warmup_steps=500, weight_decay=0.05,
-      grad_clip=1.0, label_smoothing=0.1, augment_pad=2, augment_flip=True, eval_every=2,
-      init_checkpoint=""))  # fine-tune from this float checkpoint instead of a random init
-  config.eval = ml_collections.ConfigDict(dict(batch_size=500, num_images=0, split=""))
-  config.calib = ml_collections.ConfigDict(dict(source="clamp", num_images=32, seed=0))
-  config.quant = quant_from_args(args)
-  config.generate = generate_config()
-  config.search = search_config(enabled="minmax" not in args)
-  config.reconstruct = reconstruct_from_args(args, config.quant)
-  if "paper" not in args:  # reduced schedule: the full cycle in under 15 minutes on 2 CPU cores
-    config.generate.update(refresh_steps=25)
-    config.search.update(passes=3)
-  if "tiny" in args:
-    config.model.update(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32, patch_size=7)
-    config.train.update(epochs=1, batch_size=64, eval_every=0)
-    config.eval.update(batch_size=100, num_images=200)
-    config.calib.num_images = 8
-    config.generate.update(steps=4, refresh_steps=2, warmup_steps=1)
-    config.search.update(passes=1, generations=2, population=4, children=4, tournament=3)
-    config.reconstruct.steps = 4
-  return config
+  return fmnist_config(model, parse_args(arg, flags=FMNIST_FLAGS), tiny_model=dict(
+      hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32, patch_size=7))

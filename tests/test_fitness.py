@@ -92,7 +92,7 @@ def test_a_float_candidate_in_a_float_model_scores_zero(setup, kind):
   evaluator = BlockEvaluator(model, params, search_config(**SMALL),
                              fitness=Fitness(block_loss=kind, output_loss="kl"))
   caches = evaluator.caches(float_model, images)
-  sample = evaluator.token_sample(jax.random.PRNGKey(0), caches)
+  sample = evaluator.token_sample(jax.random.PRNGKey(0), caches, 0)
   for block in (0, 1):
     score = evaluator.candidate_fitness(block, params, float_model, caches, sample, {})
     assert abs(float(score)) < 1e-6, (kind, block)
@@ -105,7 +105,7 @@ def test_vmapped_scores_equal_one_by_one_with_each_block_loss(setup, kind):
   evaluator = BlockEvaluator(model, params, search_config(**SMALL), fitness=fit)
   caches = evaluator.caches(qparams, images)
   assert (caches.fisher is not None) == (kind == "fisher")
-  sample = evaluator.token_sample(jax.random.PRNGKey(0), caches)
+  sample = evaluator.token_sample(jax.random.PRNGKey(0), caches, 0)
   population = EvolQ(population_size=5).initial_population(
       jax.random.PRNGKey(3), qparams["Transformer"]["encoderblock_0"])
   scores = evaluator.score(0, population, qparams, caches, sample)

@@ -12,6 +12,7 @@ import pytest
 
 from clamp_jax import generate as gen
 from clamp_jax.models import build_model
+from clamp_jax.models.protocol import BlockGrid
 from clamp_jax.models.quantized import calibrate, quant_config
 from conftest import random_images, tiny_model_config
 
@@ -29,7 +30,7 @@ optimising_jit = jax.jit
 quick_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 terms_of = quick_jit(gen.contrastive_terms, static_argnums=(2, 3, 4, 5))
 contrast = quick_jit(gen.patch_contrastive_loss, static_argnums=(2, 3, 4, 5))
-blocks_contrast = quick_jit(gen.blocks_contrastive_loss, static_argnums=(2, 3))
+blocks_contrast = quick_jit(gen.blocks_contrastive_loss, static_argnums=(2,))
 pse = quick_jit(gen.patch_similarity_entropy)
 tv = quick_jit(gen.total_variation)
 
@@ -112,12 +113,12 @@ def test_contrastive_loss_is_invariant_to_the_order_of_images():
   perm = np.array([3, 0, 4, 1, 2])
   loss = contrast(a, c, (3, 4), 3, 4, 0.1)
   np.testing.assert_allclose(contrast(a[perm], c[perm], (3, 4), 3, 4, 0.1), loss, rtol=1e-6)
-  stack = blocks_contrast(jnp.stack([a, c]), jnp.stack([c, a]), (3, 4), "gap")
+  stack = blocks_contrast(jnp.stack([a, c]), jnp.stack([c, a]), (BlockGrid((3, 4)),) * 2)
   want = (loss + contrast(c, a, (3, 4), 3, 4, 0.1)) / 2
   np.testing.assert_allclose(stack, want, rtol=1e-6)
-  cls = jnp.ones((5, 1, 6))  # token 0 is CLS with pool "tok": dropped
+  cls = jnp.ones((5, 1, 6))  # token 0 is CLS (a prefix of 1): dropped
   a_cls, c_cls = jnp.concatenate([cls, a], axis=1), jnp.concatenate([cls, c], axis=1)
-  np.testing.assert_allclose(blocks_contrast(a_cls[None], c_cls[None], (3, 4), "tok"),
+  np.testing.assert_allclose(blocks_contrast(a_cls[None], c_cls[None], (BlockGrid((3, 4), 1),)),
                              loss, rtol=1e-6)
 
 
@@ -261,8 +262,8 @@ def test_gradients_reach_the_pixels_through_the_quantized_model(tiny):
     def loss(x):
       _, q = model.apply({"params": params, "quant": qparams}, x, return_intermediates=True)
       _, p = model.apply({"params": params}, x, return_intermediates=True)
-      return gen.blocks_contrastive_loss(q["attn"], jax.lax.stop_gradient(p["attn"]), (4, 4),
-                                         model.pool)  # only Q's path carries a gradient
+      return gen.blocks_contrastive_loss(q["attn"], jax.lax.stop_gradient(p["attn"]),
+                                         model.block_grids(16))  # only Q's path has a gradient
     return jax.grad(loss)(x)
 
   grads = np.asarray(grad_through_q(images))

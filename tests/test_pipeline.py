@@ -171,6 +171,53 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, checkpoint, env, refere
   assert read_json(os.path.join(workdir, "results.json")) == results
 
 
+# Kills the run at a named point: a function of the pipeline replaced by one that SIGKILLs the
+# process on its Nth call (the point's work half done: nothing after it saved), then launch.py.
+FAULT_DRIVER = """
+import os, runpy, signal, sys
+import importlib
+module, name, call = sys.argv[1], sys.argv[2], int(sys.argv[3])
+target = importlib.import_module(module)
+original, calls = getattr(target, name), []
+def fault(*args, **kwargs):
+  calls.append(1)
+  if len(calls) == call:
+    original(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+  return original(*args, **kwargs)
+setattr(target, name, fault)
+sys.argv = [os.path.join(sys.argv[4], "launch.py")] + sys.argv[5:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+KILL_POINTS = {  # name -> (module, function, call killed in); between block checkpoints: above
+    "first_generation": ("clamp_jax.pipeline", "generate_images", 1),
+    "final_export": ("clamp_jax.pipeline", "export_integer", 1),
+}
+
+
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_run_killed_at_each_point_resumes_to_the_same_result(tmp_path, checkpoint, env,
+                                                             reference, point):
+  """SIGKILL in the first generation (images made, nothing checkpointed) and in the final export
+  (after the reconstruction and the evaluation, nothing written): the same command then ends
+  with the never-stopped run's QuantParams, export and top-1."""
+  workdir = str(tmp_path / point)
+  args = search_args(checkpoint, workdir)
+  killed = subprocess.run([sys.executable, "-c", FAULT_DRIVER, *map(str, KILL_POINTS[point]),
+                           ROOT, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  launch(*args, env=env)
+  assert_same_quant_params(workdir, reference)
+  assert_same_npz(os.path.join(workdir, "quantized.npz"),
+                  os.path.join(reference, "quantized.npz"))
+  results, expected = (read_json(os.path.join(d, "results.json")) for d in (workdir, reference))
+  for key in ("quant_top1", "minmax_top1", "before_reconstruct_top1", "reconstruct"):
+    assert results[key] == expected[key], key
+
+
 def test_finished_run_writes_results_and_report(tmp_path, reference, checkpoint, env):
   """results.json, report.md, plots, metrics, TensorBoard events, QuantParams, the export."""
   results = read_json(os.path.join(reference, "results.json"))

@@ -81,7 +81,7 @@ def test_block_cached_vmapped_scores_equal_whole_model_one_by_one(setup):
   cfg = search_config(**SMALL)
   evaluator = BlockEvaluator(model, params, cfg)
   caches = evaluator.caches(qparams, images)
-  sample = evaluator.token_sample(jax.random.PRNGKey(0), caches)
+  sample = evaluator.token_sample(jax.random.PRNGKey(0), caches, 0)
   population = EvolQ(population_size=6).initial_population(jax.random.PRNGKey(3),
                                                            block_sites(qparams, 0))
   scores = evaluator.score(0, population, qparams, caches, sample)
@@ -102,7 +102,7 @@ def test_chunked_evaluation_equals_vmapped(setup):
   for chunk in (0, 2):
     evaluator = BlockEvaluator(model, params, search_config(**SMALL, chunk_size=chunk))
     caches = evaluator.caches(qparams, images)
-    sample = evaluator.token_sample(jax.random.PRNGKey(0), caches)
+    sample = evaluator.token_sample(jax.random.PRNGKey(0), caches, 1)
     results.append(evaluator.score(1, population, qparams, caches, sample))
   np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
 
@@ -138,7 +138,7 @@ def test_a_refreshed_block_keeps_the_start_and_reports_it_on_the_final_images(se
   assert len(refreshed) == 2 and not np.array_equal(final, images)
   caches = evaluator.caches(qparams, final)
   start_pop = jax.tree_util.tree_map(lambda a: a[None], block_sites(qparams, 1))
-  sample = evaluator.token_sample(jax.random.PRNGKey(0), caches)
+  sample = evaluator.token_sample(jax.random.PRNGKey(0), caches, 1)
   np.testing.assert_allclose(start, evaluator.score(1, start_pop, qparams, caches, sample)[0],
                              rtol=1e-5)
   assert after <= start  # never worse than the start on the images the block ended with

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import flax
 import flax.linen as nn
 import jax
 import numpy as np
@@ -76,6 +77,40 @@ def test_search_lowers_the_output_loss_below_the_min_max_start(setup, kind):
   again, _ = search_layers(model, variables, qparams, images, cfg)  # same seed, same result
   for a, b in zip(flatten(searched).values(), flatten(again).values()):
     np.testing.assert_array_equal(a.scale, b.scale)
+
+
+@flax.struct.dataclass
+class ClassifierOutput:
+  """A structured output like HuggingFace's `FlaxSequenceClassifierOutput`."""
+  logits: jax.Array
+  features: jax.Array
+
+
+class StructuredOutput(nn.Module):
+  """`ConvMlp` returning a dataclass instead of logits."""
+
+  @nn.compact
+  def __call__(self, x):
+    features = nn.relu(nn.Dense(16, name="fc")(x.reshape(x.shape[0], -1)))
+    return ClassifierOutput(logits=nn.Dense(10, name="head")(features), features=features)
+
+
+def test_output_fn_reads_the_logits_of_a_structured_output(setup):
+  _, _, images, _ = setup
+  model = StructuredOutput()
+  variables = model.init(jax.random.PRNGKey(3), images)
+  qparams, _ = calibrate_layers(model, variables, [Rule(".*", w_bits=3, a_bits=4)], images)
+  cfg = search_config(**SMALL, output_loss="kl")
+  with pytest.raises(TypeError, match="ClassifierOutput.*output_fn"):
+    search_layers(model, variables, qparams, images, cfg)
+  searched, history = search_layers(model, variables, qparams, images, cfg,
+                                    output_fn=lambda out: out.logits)
+  fp = model.apply(variables, images).logits
+  fitness = lambda q: float(output_loss(apply_quantized_layers(model, variables, q, images).logits,
+                                        fp, "kl", cfg.temperature))
+  np.testing.assert_allclose([history[0]["fitness_before"], history[-1]["fitness_after"]],
+                             [fitness(qparams), fitness(searched)], rtol=1e-5)
+  assert fitness(searched) < fitness(qparams)
 
 
 SHARDED_SCRIPT = """

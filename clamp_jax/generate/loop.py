@@ -48,8 +48,7 @@ def make_loss(config: ml_collections.ConfigDict, model: nn.Module):
   weight 0 are not computed. `terms` holds each unweighted term and P's logits on `x`.
   """
   gen_cfg = config.generate
-  side = config.model.image_size // model.patch_size
-  grid = (side, side)
+  grids = model.block_grids(config.model.image_size)  # each block's token grid
   use_pse = gen_cfg.method == "psaq" and gen_cfg.w_pse > 0
 
   def loss_fn(x, images, targets, params, qparams):
@@ -59,12 +58,10 @@ def make_loss(config: ml_collections.ConfigDict, model: nn.Module):
     if uses_q(gen_cfg):
       _, q = model.apply({"params": params, "quant": qparams}, x, return_intermediates=True)
       terms["contrast"] = losses.blocks_contrastive_loss(
-          q["attn"], fp["attn"], grid, model.pool, gen_cfg.neighbourhood, gen_cfg.positives,
-          gen_cfg.tau)
+          q["attn"], fp["attn"], grids, gen_cfg.neighbourhood, gen_cfg.positives, gen_cfg.tau)
       loss += gen_cfg.w_contrast * terms["contrast"]
     if use_pse:
-      per_block = jax.vmap(losses.patch_similarity_entropy)(losses.drop_cls(fp["attn"], model.pool))
-      terms["pse"] = per_block.sum()
+      terms["pse"] = losses.blocks_similarity_entropy(fp["attn"], grids)
       loss -= gen_cfg.w_pse * terms["pse"]
     if gen_cfg.w_ce > 0:
       terms["ce"] = losses.target_cross_entropy(logits, targets)

@@ -1,21 +1,24 @@
 """Losses of the data generator: patch-contrastive (CLAMP-ViT L_C1), PSAQ-ViT's patch similarity
 entropy, total variation and the target-class cross-entropy. Pure and vectorised.
 
-Token tensors are `[B, gh * gw, D]` with the CLS token already dropped (`drop_cls`); patches are
-in row-major order on the `grid = (gh, gw)`.
+Token tensors are `[B, gh * gw, D]` with the CLS token already dropped (`drop_prefix`); patches
+are in row-major order on the `grid = (gh, gw)`. The per-model losses (`blocks_*`) take each
+block's tokens and `BlockGrid` (`models/protocol.py`), so every block is read on its own grid.
 """
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from clamp_jax.models.protocol import BlockGrid, per_grid
 
-def drop_cls(tokens: jax.Array, pool: str) -> jax.Array:
-  """`tokens[..., N, D]` without the class token (token 0) when `pool` is "tok"."""
-  return tokens[..., 1:, :] if pool == "tok" else tokens
+
+def drop_prefix(tokens: jax.Array, prefix: int) -> jax.Array:
+  """`tokens[..., N, D]` without the `prefix` tokens before the patches (a class token)."""
+  return tokens[..., prefix:, :]
 
 
 def _unit(x: jax.Array) -> jax.Array:
@@ -96,13 +99,23 @@ def patch_contrastive_loss(anchor_tokens: jax.Array, candidate_tokens: jax.Array
   return jnp.sum(terms * counted, axis=-1).mean() / counted.sum()
 
 
-def blocks_contrastive_loss(anchor_stack: jax.Array, candidate_stack: jax.Array,
-                            grid: Tuple[int, int], pool: str, k: int = 3, positives: int = 4,
-                            tau: float = 0.1) -> jax.Array:
-  """`patch_contrastive_loss` averaged over the blocks of `[L, B, N, D]` stacks; CLS dropped
-  when `pool` is "tok"."""
-  per_block = jax.vmap(lambda a, c: patch_contrastive_loss(a, c, grid, k, positives, tau))
-  return per_block(drop_cls(anchor_stack, pool), drop_cls(candidate_stack, pool)).mean()
+def blocks_contrastive_loss(anchors, candidates, grids: Sequence[BlockGrid], k: int = 3,
+                            positives: int = 4, tau: float = 0.1) -> jax.Array:
+  """`patch_contrastive_loss` of every block on its own grid, averaged over the blocks.
+
+  `anchors`, `candidates`: per-block tokens (indexed by block: `[B, N_l, D_l]`); `grids`: each
+  block's `BlockGrid` (the model's `block_grids`), whose prefix tokens are dropped.
+  """
+  def one(g: BlockGrid, a, c):
+    return patch_contrastive_loss(drop_prefix(a, g.prefix), drop_prefix(c, g.prefix), g.grid, k,
+                                  positives, tau)
+  return per_grid(one, grids, anchors, candidates).mean()
+
+
+def blocks_similarity_entropy(tokens, grids: Sequence[BlockGrid]) -> jax.Array:
+  """`patch_similarity_entropy` of every block's patch tokens, summed over the blocks."""
+  return per_grid(lambda g, t: patch_similarity_entropy(drop_prefix(t, g.prefix)), grids,
+                  tokens).sum()
 
 
 def patch_similarity_entropy(tokens: jax.Array, bandwidth: float = 0.01,

@@ -1,7 +1,10 @@
-"""Named model shapes (ViT-Ti/S/B/L, patch 16 or 32; DeiT-T/S/B) and the model factory."""
+"""Named model shapes (ViT-Ti/S/B/L, patch 16 or 32; DeiT-T/S/B) and the model factory, which
+builds the family `config.model.family` names (`vit` when absent, or `swin`)."""
 
+import flax.linen as nn
 import ml_collections
 
+from clamp_jax.models.swin import build_swin
 from clamp_jax.models.vit import VisionTransformer
 
 # width, depth, heads, mlp width
@@ -50,7 +53,20 @@ def model_config(name: str = "", **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
-def build_model(cfg: ml_collections.ConfigDict) -> VisionTransformer:
-  """The Flax module described by a `config.model` section."""
+FAMILIES = ("vit", "swin")
+
+
+def model_family(cfg: ml_collections.ConfigDict) -> str:
+  """`config.model.family`: "vit" (also when the section has no such field) or "swin"."""
+  family = cfg.get("family", "vit")
+  if family not in FAMILIES:
+    raise ValueError(f"config.model.family={family!r}; known: {list(FAMILIES)}")
+  return family
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> nn.Module:
+  """The Flax module described by a `config.model` section (a ViT or, by its family, a Swin)."""
+  if model_family(cfg) == "swin":
+    return build_swin(cfg)
   return VisionTransformer(**{k: cfg[k] for k in ARCH_FIELDS if k != "representation_size"},
                            representation_size=cfg.representation_size or None)

@@ -1,11 +1,14 @@
-"""The quantized ViT: which quantizer each site gets (from `config.quant`), and calibration.
+"""The quantized model (ViT or Swin): which quantizer each site gets (from `config.quant`), and
+calibration.
 
-Sites are the `quant_site` calls of `vit.py`; `config.quant.sites` picks the protocol:
+Sites are the `quant_site` calls of `vit.py` and `swin.py`; `config.quant.sites` picks the
+protocol:
 
 - `matmul` (default): the literature's W4/A4 (RepQ-ViT, PTQ4ViT, ERQ, ...): every weight and the
-  input of every matmul (LN outputs, q, k, v, softmax probabilities, attention x V, GELU output,
-  the head's input, the image); the residual stream, LayerNorm and softmax inputs and the logits
-  stay float.
+  input of every matmul (LN outputs — a Swin's patch-merging LN `merge_ln` too —, q, k, v,
+  softmax probabilities, attention x V, GELU output, the head's input, the image); the residual
+  stream, LayerNorm and softmax inputs and the logits stay float. A Swin's relative position
+  bias tables stay float parameters; its window-attention sites are per tensor like the rest.
 - `all`: the paper's release (FQ-ViT based): every site, the residual stream at `residual_bits`.
 
 Weights: asymmetric per output channel (the paper's `(max - min) / (2^b - 1)`); activations per
@@ -23,6 +26,8 @@ import ml_collections
 import numpy as np
 
 from clamp_jax.models.checkpoints.loader import checked_params, read_flat
+from clamp_jax.models.checkpoints.swin_timm import checked_swin_params
+from clamp_jax.models.presets import model_family
 from clamp_jax.models.vit import OBSERVE
 from clamp_jax.quant import observers
 from clamp_jax.quant.export import from_int, to_int
@@ -36,10 +41,11 @@ OBSERVERS = {"minmax": observers.minmax, "percentile": observers.percentile,
 PROTOCOLS = ("matmul", "all")
 SOFTMAX_QUANTIZERS = ("float", LOG2, LOG_SQRT2)
 GELU_QUANTIZERS = (UNIFORM, TWIN)
-LN_INPUT_SITES = ("posembed", "residual1", "residual2")  # the residual stream: LayerNorm inputs
+# The residual stream: LayerNorm inputs (`merge_out`: a Swin's patch merging output).
+LN_INPUT_SITES = ("posembed", "residual1", "residual2", "merge_out")
 # The inputs of matmuls: the activation sites the `matmul` protocol quantizes.
 MATMUL_INPUT_SITES = ("image", "ln1", "q", "k", "v", "attn_probs", "attn_v", "ln2", "gelu",
-                      "head_in", "pre_logits_out")
+                      "merge_ln", "head_in", "pre_logits_out")
 NOT_IN_ALL = ("head_in",)  # sites the `all` protocol (the paper's release) does not quantize
 BUDGET_KINDS = ("size", "bops", "both")
 ACTIVATION_FIELDS = ("scale", "zero_point", "bits")  # what the export keeps of an activation site
@@ -278,9 +284,14 @@ def load_quantized(path: str, model_cfg: ml_collections.ConfigDict):
   Kernels come back dequantized in `params` and `qparams` holds the activation sites only. That
   is exactly the exported model: `from_int(to_int(w)) == fake_quant(w)` and fake quantization is
   idempotent, so a weight site would leave the dequantized kernel unchanged. The shape is read
-  from the file and checked against the model as `load_checkpoint` does.
+  from the file and checked against the model (a ViT, or a Swin by `model_cfg.family`) as
+  `load_checkpoint` does.
   """
   arrays = read_flat(path)
   qparams = _activation_sites(arrays, path)
-  model_cfg, params = checked_params(_dequantized_flat(arrays), model_cfg)
+  flat = _dequantized_flat(arrays)
+  if model_family(model_cfg) == "swin":
+    model_cfg, params = checked_swin_params(flat, model_cfg, path)
+  else:
+    model_cfg, params = checked_params(flat, model_cfg)
   return model_cfg, params, qparams

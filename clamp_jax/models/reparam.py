@@ -5,6 +5,10 @@ are folded into the LayerNorm's scale/bias and the rows of the linears that read
 (`quant.reparam`), so at run time the site is quantized per tensor with the common grid. The
 folded float model equals the original up to float error. `FOLDS` says, per site name, which
 LayerNorm writes the site and which projections read it, relative to the site's module.
+
+A Swin's patch-merging LayerNorm output (`merge_ln`) is not folded: its reduction has no bias to
+absorb the shift `d` of the common grid (one would change the parameter tree timm files and the
+export share); it is quantized per tensor from its observer like any other activation.
 """
 
 from typing import Dict, Tuple

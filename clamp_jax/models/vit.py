@@ -6,12 +6,14 @@ ALGORITHM.md) through `quant_site(module, NAME, x)`. These calls are the single
 place where quantization plugs in, so the quantized model is this model, not a copy.
 """
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from clamp_jax.models.protocol import BlockGrid, block_name
 
 
 QUANT = "quant"  # collection of `SiteQuant` parameters (a `QuantParams` tree)
@@ -41,12 +43,14 @@ def _quant_kernel(module: nn.Module, kernel: jax.Array, in_axes: int) -> jax.Arr
 class Projection(nn.Module):
   """A dense layer over the last `in_axes` axes (flax `DenseGeneral` layout).
 
-  kernel: `in_shape + features`, bias: `features`. The kernel is a quantization site.
+  kernel: `in_shape + features`, bias: `features` (none when `use_bias` is False). The kernel
+  is a quantization site.
   """
   features: Union[int, Sequence[int]]
   in_axes: int = 1
   kernel_init: nn.initializers.Initializer = None
   bias_init: nn.initializers.Initializer = nn.initializers.zeros
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -58,11 +62,11 @@ class Projection(nn.Module):
         in_axis=tuple(range(self.in_axes)),
         out_axis=tuple(range(self.in_axes, len(kernel_shape))))
     kernel = self.param("kernel", init, kernel_shape, jnp.float32)
-    bias = self.param("bias", self.bias_init, features, jnp.float32)
+    bias = self.param("bias", self.bias_init, features, jnp.float32) if self.use_bias else None
     kernel = _quant_kernel(self, kernel, len(in_shape))
     contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
     y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
-    return y + bias
+    return y if bias is None else y + bias
 
 
 class PatchEmbedding(nn.Module):
@@ -159,7 +163,7 @@ class Encoder(nn.Module):
     for i in range(start_block or 0, self.num_layers):
       block_inputs.append(x)
       x, attn = Encoder1DBlock(self.mlp_dim, self.num_heads, self.layernorm_epsilon,
-                               self.gelu_approximate, name=f"encoderblock_{i}")(x)
+                               self.gelu_approximate, name=block_name(i))(x)
       attn_outputs.append(attn)
       block_outputs.append(x)
     x = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="encoder_norm")(x)
@@ -221,6 +225,11 @@ class VisionTransformer(nn.Module):
                         kernel_init=nn.initializers.zeros)(x)
     logits = quant_site(self, "logits", logits)
     return (logits, intermediates) if return_intermediates else logits
+
+  def block_grids(self, image_size: int) -> Tuple[BlockGrid, ...]:
+    """Every block's tokens (`models/protocol.py`): the class token, if any, then the patches."""
+    side = image_size // self.patch_size
+    return (BlockGrid((side, side), 1 if self.pool == "tok" else 0),) * self.num_layers
 
   def _tokens(self, images: jax.Array) -> jax.Array:
     """Images -> patch tokens, with the class token first when `pool` is "tok"."""

@@ -1,6 +1,6 @@
 """The mixed-precision budget: model size (params x w_bits) and BOPs (MACs x w_bits x a_bits
-over the weight matmuls) of a ViT's `QuantParams`, relative to a uniform model (by default
-W4/A8, `config.quant.budget_w_bits` / `budget_a_bits`); reports are relative to W4/A8.
+over the weight matmuls) of a ViT's or Swin's `QuantParams`, relative to a uniform model (by
+default W4/A8, `config.quant.budget_w_bits` / `budget_a_bits`); reports are relative to W4/A8.
 
 Costs are sums of integers computed on the host in float64, where they are exact, so "within
 budget" is an exact comparison. Arrays may carry a leading population axis `[K]` (a block's
@@ -17,7 +17,7 @@ from clamp_jax.quant.params import WEIGHT, flatten
 REFERENCE_BITS = (4, 8)  # (weights, activations) of the model reports are relative to
 KINDS = {"size": [0], "bops": [1], "both": [0, 1]}  # config.quant.budget_kind -> counted costs
 
-# The activation site each ViT kernel's matmul reads, and whether it reads every token of it
+# The activation site each kernel's matmul reads, and whether it reads every token of it
 # (the heads read one pooled vector per image): the first row whose kernel pattern matches and
 # whose input site is quantized. A kernel reading a float input (the patch embedding with
 # config.quant.image_bits=0) counts in size, not in BOPs.
@@ -26,6 +26,7 @@ MATMULS = (
     (r"(.*/MultiHeadDotProductAttention_0)/out/kernel", r"\1/attn_v", True),
     (r"(.*)/MlpBlock_0/Dense_0/kernel", r"\1/ln2", True),
     (r"(.*/MlpBlock_0)/Dense_1/kernel", r"\1/gelu", True),
+    (r"(.*/downsample_\d+)/reduction/kernel", r"\1/merge_ln", True),  # Swin's patch merging
     (r"embedding/kernel", "image", True),
     (r"pre_logits/kernel", "head_in", False),
     (r"pre_logits/kernel", "Transformer/encoder_norm_out", False),

@@ -9,7 +9,7 @@ The Fisher weights of the "fisher" block loss are cached too, only when that los
 """
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple, Union
 
 from flax import struct
 import flax.linen as nn
@@ -19,34 +19,40 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from clamp_jax.models.vit import Encoder1DBlock
+from clamp_jax.models.protocol import ENCODER, block_index, block_name
 from clamp_jax.search.fitness import Fitness
+
+# Per-block values are indexed by block (`[l]`: `[B, N_l, D_l]`): the model's intermediates, a
+# stacked `[L, B, N, D]` array or a tuple (models/protocol.py).
+PerBlock = Union[jax.Array, Tuple[jax.Array, ...]]
 
 
 @struct.dataclass
 class Caches:
-  block_inputs: jax.Array  # [L, B, N, D] under the current quantized model
-  fp_blocks: jax.Array     # [L, B, N, D] FP block outputs
-  fp_logits: jax.Array     # [B, classes]
-  fisher: Optional[jax.Array] = None  # [L, B, N, D] g^2 of the "fisher" block loss, else None
+  block_inputs: PerBlock  # the stream entering each block under the current quantized model
+  fp_blocks: PerBlock     # FP block outputs
+  fp_logits: jax.Array    # [B, classes]
+  fisher: Optional[PerBlock] = None  # g^2 of the "fisher" block loss, else None
 
 
-def block_key(block: int) -> str:
-  return f"encoderblock_{block}"
+def block_sites(qparams: dict, block: int) -> dict:
+  """Block `block`'s sites of `qparams`."""
+  return qparams[ENCODER][block_name(block)]
 
 
 def with_block(qparams: dict, block: int, candidate: dict) -> dict:
   """`qparams` with block `block`'s sites replaced by `candidate`."""
-  transformer = dict(qparams["Transformer"], **{block_key(block): candidate})
-  return dict(qparams, Transformer=transformer)
+  encoder = dict(qparams[ENCODER], **{block_name(block): candidate})
+  return dict(qparams, **{ENCODER: encoder})
 
 
-def fisher_weights(model: nn.Module, params, images: jax.Array) -> jax.Array:
-  """`[L, B, N, D]`: `g^2`, `g` the gradient of the FP model's cross-entropy to its own argmax
-  label (summed over images, so each image's `g` is its own) w.r.t. each block's output.
+def fisher_weights(model: nn.Module, params, images: jax.Array) -> PerBlock:
+  """Per block (laid out like the model's "block" intermediates): `g^2`, `g` the gradient of the
+  FP model's cross-entropy to its own argmax label (summed over images, so each image's `g` is
+  its own) w.r.t. the block's output.
 
-  One forward and backward: a zero `delta[l]` is added to block `l`'s output (intercepted), and
-  the gradient w.r.t. `delta` is taken at zero.
+  One forward and backward: a zero `delta[l]` is added to the output of block `l` (the module
+  named `block_name(l)`, intercepted), and the gradient w.r.t. `delta` is taken at zero.
   """
   blocks = jax.eval_shape(
       lambda x: model.apply({"params": params}, x, return_intermediates=True)[1]["block"], images)
@@ -54,8 +60,8 @@ def fisher_weights(model: nn.Module, params, images: jax.Array) -> jax.Array:
   def add_delta(delta):
     def intercept(next_fun, args, kwargs, context):
       out = next_fun(*args, **kwargs)
-      if isinstance(context.module, Encoder1DBlock) and context.method_name == "__call__":
-        block = int(context.module.name.rsplit("_", 1)[1])
+      block = block_index(context.module.name)
+      if block is not None and context.method_name == "__call__":
         return (out[0] + delta[block],) + tuple(out[1:])
       return out
     return intercept
@@ -66,7 +72,8 @@ def fisher_weights(model: nn.Module, params, images: jax.Array) -> jax.Array:
     labels = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1))
     return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
 
-  return jnp.square(jax.grad(cross_entropy)(jnp.zeros(blocks.shape, blocks.dtype)))
+  zeros = jax.tree_util.tree_map(lambda b: jnp.zeros(b.shape, b.dtype), blocks)
+  return jax.tree_util.tree_map(jnp.square, jax.grad(cross_entropy)(zeros))
 
 
 def population_mesh(devices=None) -> Mesh:
@@ -122,9 +129,10 @@ class BlockEvaluator:
     fisher = fisher_weights(self.model, params, images) if self.fitness.needs_fisher else None
     return Caches(q["block_in"], fp["block"], fp_logits, fisher)
 
-  def token_sample(self, key: jax.Array, caches: Caches) -> jax.Array:
-    """The tokens L_C2 compares (the same for every candidate of a generation)."""
-    total = caches.fp_blocks.shape[1] * caches.fp_blocks.shape[2]
+  def token_sample(self, key: jax.Array, caches: Caches, block: int) -> jax.Array:
+    """The tokens of block `block`'s output that L_C2 compares (the same for every candidate of
+    a generation)."""
+    total = caches.fp_blocks[block].shape[0] * caches.fp_blocks[block].shape[1]
     n = min(self.cfg.block_tokens, total)
     return jax.random.choice(key, total, (n,), replace=False)
 

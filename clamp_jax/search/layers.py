@@ -8,7 +8,7 @@ by the output loss against the float logits. Images are not refreshed; `cfg.w_bl
 
 import functools
 import time
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from absl import logging
 import flax.linen as nn
@@ -23,22 +23,40 @@ from clamp_jax.search.loop import strategy_from, validate
 from clamp_jax.search.strategy import best
 
 
+OutputFn = Callable[[Any], jax.Array]  # what `model.apply` returns -> logits `[B, classes]`
+
+
+def logits_of(output: Any, output_fn: Optional[OutputFn]) -> jax.Array:
+  """The logits in a model's output: `output_fn(output)`, or the output itself when it is an
+  array; raises TypeError naming the output's type otherwise."""
+  logits = output if output_fn is None else output_fn(output)
+  if not isinstance(logits, jax.Array):
+    raise TypeError(f"the model returned {type(output).__name__}, not logits; pass "
+                    f"output_fn=..., e.g. output_fn=lambda out: out.logits")
+  return logits
+
+
 class LayersEvaluator:
   """Fitness `[K]` of whole-model candidates on fixed images, vmapped, chunked and sharded.
 
-  `apply_kwargs` are static keyword arguments of `model.apply` (e.g. `train=False`).
+  `apply_kwargs` are static keyword arguments of `model.apply` (e.g. `train=False`);
+  `output_fn` reads the logits from what `model.apply` returns (default: it returns them).
   """
 
   def __init__(self, model: nn.Module, variables: dict, images: jax.Array,
-               cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None, **apply_kwargs):
+               cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None,
+               output_fn: Optional[OutputFn] = None, **apply_kwargs):
     self.model, self.variables, self.images, self.cfg = model, variables, images, cfg
     self.mesh, self.apply_kwargs = mesh or population_mesh(), apply_kwargs
-    self.fp_logits = jax.jit(functools.partial(model.apply, **apply_kwargs))(variables, images)
+    self.output_fn = output_fn
+    forward = jax.jit(lambda v, x: logits_of(model.apply(v, x, **apply_kwargs), output_fn))
+    self.fp_logits = forward(variables, images)
 
   def candidate_fitness(self, variables: dict, images: jax.Array, fp_logits: jax.Array,
                         candidate: dict) -> jax.Array:
     """The output loss of the model quantized by `candidate`."""
-    q_logits = apply_quantized_layers(self.model, variables, candidate, images, **self.apply_kwargs)
+    q_logits = logits_of(apply_quantized_layers(self.model, variables, candidate, images,
+                                                **self.apply_kwargs), self.output_fn)
     return output_loss(q_logits, fp_logits, self.cfg.output_loss, self.cfg.temperature)
 
   def score(self, population: dict) -> jax.Array:
@@ -55,11 +73,14 @@ class LayersEvaluator:
 
 def search_layers(model: nn.Module, variables: dict, qparams: dict, images: jax.Array,
                   cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None,
+                  output_fn: Optional[OutputFn] = None,
                   **apply_kwargs) -> Tuple[dict, List[dict]]:
   """`cfg.passes * cfg.generations` generations of `EvolQ` over all the scales of `qparams`
-  (from `calibrate_layers`); returns `(best qparams, history)`, one history entry per pass."""
+  (from `calibrate_layers`); returns `(best qparams, history)`, one history entry per pass.
+  `output_fn` reads the logits from a model whose `apply` returns a structure, e.g.
+  `output_fn=lambda out: out.logits` for HuggingFace's Flax models."""
   validate(cfg)
-  evaluator = LayersEvaluator(model, variables, images, cfg, mesh, **apply_kwargs)
+  evaluator = LayersEvaluator(model, variables, images, cfg, mesh, output_fn, **apply_kwargs)
   strategy = strategy_from(cfg)
   k_init, k_gens = jax.random.split(jax.random.PRNGKey(cfg.seed))
   population = strategy.initial_population(k_init, qparams)

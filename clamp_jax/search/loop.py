@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from clamp_jax.models.quantized import validate as validate_quant
 from clamp_jax.search.budget import Budget, report
-from clamp_jax.search.evaluator import BlockEvaluator, block_key, with_block
+from clamp_jax.search.evaluator import BlockEvaluator, block_sites, with_block
 from clamp_jax.search.fitness import BLOCK_LOSSES, OUTPUT_LOSSES
 from clamp_jax.search.mixed import MixedEvolQ, fit_budget
 from clamp_jax.search.strategy import EvolQ, best, take
@@ -91,7 +91,7 @@ def search_block(evaluator: BlockEvaluator, strategy: EvolQ, block: int, qparams
 
   def prepare(images, k):  # what the evaluator caches for a set of images
     caches = evaluator.caches(qparams, images)  # block inputs depend only on earlier blocks
-    return caches, evaluator.token_sample(k, caches)
+    return caches, evaluator.token_sample(k, caches, block)
 
   def score(population, caches, sample):
     scores = evaluator.score(block, population, qparams, caches, sample)
@@ -100,7 +100,7 @@ def search_block(evaluator: BlockEvaluator, strategy: EvolQ, block: int, qparams
     return jnp.where(budget.allows(with_block(qparams, block, population)), scores, jnp.inf)
 
   data = prepare(images, k_sample)
-  population = strategy.initial_population(k_init, qparams["Transformer"][block_key(block)])
+  population = strategy.initial_population(k_init, block_sites(qparams, block))
   start_candidate = take(population, 0)  # the unmutated current candidate
   scores = score(population, *data)
   start = float(scores[0])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from clamp_jax.quant.observers import range_to_grid
 from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, is_site
 from clamp_jax.search.budget import Budget, report
-from clamp_jax.search.evaluator import block_key, with_block
+from clamp_jax.search.evaluator import block_sites, with_block
 from clamp_jax.search.strategy import EvolQ, map_sites
 
 MAX_BITS = 16
@@ -58,8 +58,7 @@ def lowered(qparams: dict, num_blocks: int, kind: str, floor: int, steps: int = 
     return with_bits(site, jnp.maximum(site.bits - steps, floor))
 
   for block in range(num_blocks):
-    candidate = jax.tree_util.tree_map(lower, qparams["Transformer"][block_key(block)],
-                                       is_leaf=is_site)
+    candidate = jax.tree_util.tree_map(lower, block_sites(qparams, block), is_leaf=is_site)
     qparams = with_block(qparams, block, candidate)
   return qparams
 

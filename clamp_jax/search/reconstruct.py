@@ -11,7 +11,7 @@ other params.
 """
 
 import functools
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict
 
 from absl import logging
 import flax
@@ -21,10 +21,11 @@ import ml_collections
 import numpy as np
 import optax
 
+from clamp_jax.models.protocol import ENCODER, block_name
 from clamp_jax.models.vit import OBSERVE
 from clamp_jax.quant import adaround
 from clamp_jax.quant.params import WEIGHT, flatten, unflatten
-from clamp_jax.search.evaluator import block_key, fisher_weights
+from clamp_jax.search.evaluator import PerBlock, fisher_weights
 
 
 LOSSES = ("fisher", "mse")
@@ -74,7 +75,7 @@ EMBEDDING_KERNEL = "embedding/kernel"
 
 def block_weight_sites(qparams: dict, block: int) -> Dict[str, object]:
   """`{param path: SiteQuant}` of the kernels of block `block` (quantized weights only)."""
-  prefix = f"Transformer/{block_key(block)}/"
+  prefix = f"{ENCODER}/{block_name(block)}/"
   return {path: site for path, site in flatten(qparams).items()
           if path.startswith(prefix) and site.kind == WEIGHT}
 
@@ -195,20 +196,20 @@ def reconstruct_block(model, params: dict, qparams: dict, block: int, block_in: 
 @functools.partial(jax.jit, static_argnums=0)
 def _streams(model, params, qparams, images):
   """`(block inputs, block outputs)` of `params` under `qparams` (none: the float model), each
-  `[L, B, N, D]`."""
+  indexed by block."""
   _, inter = model.apply({"params": params, "quant": qparams}, images, return_intermediates=True)
   return inter["block_in"], inter["block"]
 
 
-def error_weights(model, params, images: jax.Array, loss: str,
-                  shape: Tuple[int, ...]) -> jax.Array:
-  """`[L, B, N, D]` (`shape`) weights of each block output's squared error: ones ("mse"), or the
-  FP model's `g^2` w.r.t. the block output ("fisher", BRECQ's diagonal Fisher), each block's
-  scaled to mean 1."""
+def error_weights(model, params, images: jax.Array, loss: str, targets: PerBlock) -> PerBlock:
+  """Weights of each block output's squared error, laid out like the block outputs `targets`:
+  ones ("mse"), or the FP model's `g^2` w.r.t. the block output ("fisher", BRECQ's diagonal
+  Fisher), each block's scaled to mean 1."""
   if loss == "mse":
-    return jnp.ones(shape)
-  weights = fisher_weights(model, params, images)
-  return weights / jnp.mean(weights, axis=(1, 2, 3), keepdims=True)
+    return jax.tree_util.tree_map(jnp.ones_like, targets)
+  mean_per_block = lambda w: jnp.mean(w, axis=(-3, -2, -1), keepdims=True)  # [..., B, N, D]
+  return jax.tree_util.tree_map(lambda w: w / mean_per_block(w),
+                                fisher_weights(model, params, images))
 
 
 def reconstruct(model, params, qparams: dict, images: jax.Array,
@@ -219,7 +220,7 @@ def reconstruct(model, params, qparams: dict, images: jax.Array,
   validate(cfg)
   fp_block_in, targets = _streams(model, params, {}, images)  # the float model's, once
   key = jax.random.PRNGKey(cfg.seed)
-  weights = error_weights(model, params, images, cfg.loss, targets.shape)
+  weights = error_weights(model, params, images, cfg.loss, targets)
   history = []
   if cfg.embedding and EMBEDDING_KERNEL in flatten(qparams):  # before any block: float params
     rounded, errors = reconstruct_embedding(model, params, qparams, images, cfg,

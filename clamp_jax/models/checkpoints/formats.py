@@ -16,6 +16,14 @@ Flat = Dict[str, np.ndarray]
 VIT_JAX, BIG_VISION, TIMM = "vision_transformer", "big_vision", "timm"
 POSEMB = "Transformer/posembed_input/pos_embedding"
 
+
+class CheckpointError(ValueError):
+  """A checkpoint file that cannot be read as weights; the message starts with the file's path."""
+
+
+# Model fields a format implies beyond the shapes: timm's ViTs use PyTorch's exact GELU.
+IMPLIED_FIELDS = {TIMM: {"gelu_approximate": False}}
+
 # vision_transformer's pre-linen checkpoints number the sub-modules of a block 0..3.
 _PRE_LINEN = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
               "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
@@ -32,8 +40,8 @@ def detect_format(flat: Flat, path: str = "") -> str:
   if {"pos_embedding", "params/pos_embedding"} & keys or any(
       k.startswith("params/") for k in keys):
     return BIG_VISION
-  raise ValueError(
-      f"cannot tell the checkpoint format of {path or 'this file'}: expected vision_transformer "
+  raise CheckpointError(
+      f"{path or 'checkpoint'}: cannot tell the checkpoint format: expected vision_transformer "
       f"names ({POSEMB}), big_vision names (pos_embedding at top level) or timm names "
       f"(patch_embed.proj.weight, blocks.N...); first keys: {sorted(keys)[:8]}")
 

@@ -1,0 +1,12 @@
+"""CLAMP-ViT on ImageNet for Swin-B (timm swin_base_patch4_window7_224: .safetensors or .npz, either
+timm layout), with the paper's schedule and the generator's learning rate 0.25.
+
+  python launch.py --config=configs/swin_b.py[:w8a8|w4a8|w4a4|mp|minmax] --workdir=runs/swin_b \
+      --config.model.checkpoint=PATH --config.data.dir=IMAGENET_VAL_DIR
+"""
+
+from configs.common import imagenet_config
+
+
+def get_config(arg: str = ""):
+  return imagenet_config("Swin-B", preset="deit", arg=arg)
