@@ -15,7 +15,6 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -85,7 +85,7 @@ def measure(name):
   chunked = BlockEvaluator(model, params, search_config(block_tokens=256, chunk_size=FLAGS.chunk),
                            population_mesh(jax.devices()[:1]))
   caches = one_device.caches(qparams, images)
-  sample = one_device.token_sample(jax.random.PRNGKey(0), caches)
+  sample = one_device.token_sample(jax.random.PRNGKey(0), caches, block)
   population = EvolQ(population_size=k).initial_population(
       jax.random.PRNGKey(2), qparams["Transformer"][f"encoderblock_{block}"])
   candidates = [take(population, i) for i in range(k)]

@@ -33,6 +33,7 @@ from clamp_jax.models.checkpoints.loader import (CheckpointError, CheckpointMism
                                                  file_model_config, load_checkpoint)
 from clamp_jax.models.quantized import load_quantized
 from clamp_jax.pipeline import generate_images, quantize
+from clamp_jax.search.mixed import BudgetError
 from clamp_jax.train import train
 from clamp_jax.validate import validate_run
 from clamp_jax.workdir_lock import WorkdirBusyError, workdir_lock
@@ -52,8 +53,8 @@ FLAGS = flags.FLAGS
 USAGE_STATUS = 2
 # A user's mistakes: anything the checks before the run raise, and these while it runs.
 PREFLIGHT_ERRORS = (app.UsageError, ValueError, FileNotFoundError)
-RUN_ERRORS = (app.UsageError, CheckpointError, CheckpointMismatchError, FileNotFoundError,
-              WorkdirBusyError)
+RUN_ERRORS = (app.UsageError, BudgetError, CheckpointError, CheckpointMismatchError,
+              FileNotFoundError, WorkdirBusyError)
 FLAG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, ValueError)
 PACKAGE_DIR = os.path.dirname(os.path.abspath(clamp_jax.__file__)) + os.sep
 

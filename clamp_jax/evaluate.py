@@ -1,5 +1,6 @@
 """Top-1 accuracy of a model on the evaluation split of `config.data`."""
 
+import functools
 import time
 
 import flax.linen as nn
@@ -13,6 +14,22 @@ from clamp_jax import data as data_lib
 EVAL_SPLIT = {"fashion_mnist": "test", "folder": "validation", "tfds": "validation"}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def predict(model: nn.Module, variables, images: jax.Array) -> jax.Array:
+  """The model's argmax class; compiled once per model (a hashable module) and input shape."""
+  return jnp.argmax(model.apply(variables, images), axis=-1)
+
+
+def predictor(model: nn.Module):
+  """`predict` bound to `model`; a module that cannot be hashed (a field holding a dict) gets
+  its own jitted function, compiled on each call of `evaluate_params`."""
+  try:
+    hash(model)
+  except TypeError:
+    return jax.jit(lambda variables, images: jnp.argmax(model.apply(variables, images), axis=-1))
+  return functools.partial(predict, model)
+
+
 def evaluate_params(config: ml_collections.ConfigDict, model: nn.Module, params,
                     extra_variables=None) -> dict:
   """`{"top1": percent, "n": images, "seconds": s}` on the evaluation split.
@@ -21,7 +38,7 @@ def evaluate_params(config: ml_collections.ConfigDict, model: nn.Module, params,
   Every batch is padded to `config.eval.batch_size`, so the forward compiles once.
   """
   variables = {"params": params, **(extra_variables or {})}
-  apply = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x), axis=-1))
+  apply = predictor(model)
   split = config.eval.split or EVAL_SPLIT[config.data.name]
   bs = config.eval.batch_size
   correct = n = 0

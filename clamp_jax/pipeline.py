@@ -11,11 +11,17 @@
 The run's state is checkpointed after the start and after every block (`run_state`); the same
 command on the same workdir resumes from the newest checkpoint and ends with the same
 QuantParams, bit for bit, as a run never stopped. A finished workdir is not redone.
+
+`start` and `run_search` take a `phase(name)` context manager that brackets their parts
+("generation", "calibration", "evaluation", "refresh", "checkpoint"), for timing them
+(bench/cycle_time.py); the default does nothing.
 """
 
+import contextlib
 import json
 import os
 import time
+from typing import Callable, ContextManager
 
 from absl import logging
 import jax
@@ -27,11 +33,12 @@ from clamp_jax.data.calibration import calibration_images
 from clamp_jax.evaluate import evaluate_params
 from clamp_jax.generate import generate, save_png_grid
 from clamp_jax.generate.config import METHODS as GENERATED_SOURCES
-from clamp_jax.models import build_model
+from clamp_jax.models import build_model, model_family
 from clamp_jax.models.checkpoints import load_checkpoint
 from clamp_jax.models.quantized import calibrate, export_integer
 from clamp_jax.models.reparam import calibrate_model, fold
 from clamp_jax.quant import params as qparams_lib
+from clamp_jax.qwix_export import weight_bytes
 from clamp_jax.report import MetricsWriter, write_report
 from clamp_jax.run_state import RunCheckpoints, RunState
 from clamp_jax.search import Budget, search
@@ -43,6 +50,14 @@ from clamp_jax.validate import validate_run
 
 RESULTS_FILE = "results.json"
 IMAGES_PNG = "generated.png"
+
+Phase = Callable[[str], ContextManager]  # phase(name): a context around one part of the cycle
+
+
+def no_phase(name: str) -> ContextManager:
+  """The default `Phase`: brackets nothing."""
+  del name
+  return contextlib.nullcontext()
 
 
 def generation_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -56,6 +71,8 @@ def generation_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
 def generate_images(config: ml_collections.ConfigDict, model, params, workdir: str):
   """The first generation: `(images, gen_state, report)`; writes `generated.npz` (images,
   targets), `generated.png` and `generate.json` (mis-prediction rate, loss curve, steps/s)."""
+  logging.info("generating %d %s images (%d steps; the first compiles)", config.calib.num_images,
+               config.calib.source, config.generate.steps)
   images, targets, gen_state, report = generate(generation_config(config), model, params, None)
   with files.atomic_path(os.path.join(workdir, "generated.npz")) as tmp:
     np.savez(tmp, images=np.asarray(images), targets=np.asarray(targets))
@@ -66,46 +83,62 @@ def generate_images(config: ml_collections.ConfigDict, model, params, workdir: s
 
 class Refresher:
   """`refresh(qparams, key) -> images`: a short generation warm-started from the last one,
-  against the quantized model `qparams`; keeps the generator's state for the next refresh."""
+  against the quantized model `qparams`; keeps the generator's state for the next refresh.
+  Each refresh runs inside `phase("refresh")`."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model, params, gen_state):
+  def __init__(self, config: ml_collections.ConfigDict, model, params, gen_state,
+               phase: Phase = no_phase):
     self.config, self.model, self.params = generation_config(config), model, params
-    self.gen_state = gen_state
+    self.gen_state, self.phase = gen_state, phase
 
   def __call__(self, qparams: dict, key: jax.Array) -> jax.Array:
-    images, _, self.gen_state, report = generate(self.config, self.model, self.params, qparams,
-                                                 key=key, init_state=self.gen_state)
-    logging.info("refreshed %d images: FP mis-predicts %.1f%% of targets",
-                 images.shape[0], report["misprediction_rate"])
+    qparams = jax.block_until_ready(qparams)  # the search's queued work is not the refresh's
+    t0 = time.time()
+    with self.phase("refresh"):
+      images, _, self.gen_state, report = generate(self.config, self.model, self.params,
+                                                   qparams, key=key, init_state=self.gen_state)
+    logging.info("refreshed %d images in %.0fs (%d steps): FP mis-predicts %.1f%% of targets",
+                 images.shape[0], time.time() - t0, report["steps"],
+                 report["misprediction_rate"])
     return images
 
 
-def start(config: ml_collections.ConfigDict, model, params, workdir: str) -> RunState:
+def start(config: ml_collections.ConfigDict, model, params, workdir: str,
+          phase: Phase = no_phase) -> RunState:
   """Step 0: calibration images, the LayerNorm folds and min-max QuantParams (and the min-max
-  top-1 with search). `params` are the checkpoint's; the state holds the folds to apply."""
+  top-1 with search). `params` are the checkpoint's; the state holds the folds to apply.
+  Phases: "generation" (generated sources), "calibration", "evaluation" (with search)."""
   t0 = time.time()
   gen_state, info = None, {}
   if config.calib.source in GENERATED_SOURCES:
-    images, gen_state, report = generate_images(config, model, params, workdir)
+    with phase("generation"):
+      images, gen_state, report = generate_images(config, model, params, workdir)
     info.update(misprediction_rate=report["misprediction_rate"],
                 generate_steps_per_second=report["steps_per_second"])
   else:
     images = calibration_images(config)
-  params, qparams, factors = calibrate_model(model, params, images, config.quant)
-  qparams = jax.block_until_ready(qparams)
+  with phase("calibration"):
+    params, qparams, factors = calibrate_model(model, params, images, config.quant)
+    qparams = jax.block_until_ready(qparams)
   info["calib_seconds"] = time.time() - t0
+  logging.info("calibrated %d sites on %d %s images (%s protocol)",
+               len(qparams_lib.flatten(qparams)), images.shape[0], config.calib.source,
+               config.quant.sites)
   if config.search.enabled:
-    info["minmax_top1"] = evaluate_params(config, model, params, {"quant": qparams})["top1"]
+    with phase("evaluation"):
+      info["minmax_top1"] = evaluate_params(config, model, params, {"quant": qparams})["top1"]
+    logging.info("min-max start: top-1 %.2f%%", info["minmax_top1"])
   info["seconds"] = time.time() - t0
   return RunState(0, qparams, images, gen_state, [], info, factors)
 
 
 def run_search(config, model, params, state: RunState, checkpoints: RunCheckpoints,
-               workdir: str) -> RunState:
-  """The block-wise search from `state.position`, checkpointing and logging after every block."""
+               workdir: str, phase: Phase = no_phase) -> RunState:
+  """The block-wise search from `state.position`, checkpointing and logging after every block.
+  Phases: "refresh" (each data refresh), "checkpoint" (each block's save)."""
   refresh = None
   if state.gen_state is not None and config.search.refresh_every:
-    refresh = Refresher(config, model, params, state.gen_state)
+    refresh = Refresher(config, model, params, state.gen_state, phase)
   metrics = MetricsWriter(workdir, resume_step=state.position)
   seconds_before, t0 = state.info["seconds"], time.time()
 
@@ -116,7 +149,8 @@ def run_search(config, model, params, state: RunState, checkpoints: RunCheckpoin
     state.gen_state = refresh.gen_state if refresh else state.gen_state
     state.history.append(entry)
     state.info["seconds"] = seconds_before + time.time() - t0
-    checkpoints.save(state)
+    with phase("checkpoint"):
+      checkpoints.save(state)
 
   search(model, params, state.qparams, state.images, config.search, on_block=on_block,
          quant_cfg=config.quant, refresh=refresh, start=state.position)
@@ -133,20 +167,23 @@ def finish(config, model, params, state: RunState, workdir: str, rounded=None,
   fp = evaluate_params(config, model, params)
   params = params if rounded is None else rounded
   quant = evaluate_params(config, model, params, {"quant": state.qparams})
+  arrays = export_integer(params, state.qparams)
   results = dict(fp_top1=fp["top1"], quant_top1=quant["top1"], n=quant["n"], **state.info,
                  model=config.model.name or os.path.basename(config.model.checkpoint),
                  sites=config.quant.sites, reparam=bool(state.reparam),
                  calib_source=config.calib.source, calib_images=int(state.images.shape[0]),
                  search_history=state.history, **extra, **qparams_lib.bit_summary(state.qparams),
-                 **budget_report(state.qparams))
+                 **budget_report(state.qparams), weight_bytes=weight_bytes(arrays))
   results["seconds"] = state.info["seconds"] + extra.get("reconstruct_seconds", 0.0) + \
       time.time() - t0
   qparams_lib.save(os.path.join(workdir, "quant_params"), state.qparams)
   with files.atomic_path(os.path.join(workdir, "quantized.npz")) as tmp:
-    np.savez(tmp, **export_integer(params, state.qparams))
+    np.savez(tmp, **arrays)
   if state.gen_state is not None:  # the images the search ended with
     save_png_grid(os.path.join(workdir, IMAGES_PNG), state.images, config.data.mean,
                   config.data.std)
+  logging.info("evaluated on %d images: float top-1 %.2f%%, quantized %.2f%%", quant["n"],
+               fp["top1"], quant["top1"])
   write_report(workdir, results, state.qparams,
                IMAGES_PNG if state.gen_state is not None else None)
   files.write_json(os.path.join(workdir, RESULTS_FILE), results)  # last: marks the run finished
@@ -159,7 +196,7 @@ def check_budget_reachable(config: ml_collections.ConfigDict, model, params) -> 
   shape = (1, config.model.image_size, config.model.image_size, config.model.channels)
   qparams = calibrate(model, params, np.zeros(shape, np.float32), config.quant)
   budget = Budget.from_config(qparams, config.quant)
-  fit_budget(qparams, budget, strategy_from(config.search, config.quant), model.num_layers)
+  fit_budget(qparams, budget, strategy_from(config.search, config.quant))
 
 
 def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -172,6 +209,9 @@ def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate_run(config, "quantize")
   model_cfg, params = load_checkpoint(config.model.checkpoint, config.model)
   model = build_model(model_cfg)
+  logging.info("loaded %s: a %s of %d blocks, %s parameters", config.model.checkpoint,
+               model_family(model_cfg), model.num_layers,
+               f"{sum(np.size(p) for p in jax.tree_util.tree_leaves(params)):,}")
   if config.quant.mixed:
     check_budget_reachable(config, model, params)
   checkpoints = RunCheckpoints(os.path.join(workdir, "state"))

@@ -64,6 +64,15 @@ def calibrated_tiny(qcfg):
   return cfg, model, params, images, calibrate(model, params, images, qcfg)
 
 
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  """The environment of a module's launch.py subprocesses: one shared compilation cache."""
+  cache = tmp_path_factory.mktemp("jax_cache")
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
 @pytest.fixture
 def tiny_cfg():
   return tiny_model_config()

@@ -7,9 +7,6 @@ import pytest
 
 from conftest import ROOT, launch, read_json
 
-REFERENCE = os.path.join(ROOT, "checkpoints", "fmnist_vit.npz")
-
-
 def test_train_then_eval_gives_the_same_accuracy(tmp_path):
   workdir = str(tmp_path / "train")
   launch("--config=configs/fmnist_vit.py:tiny", "--mode=train", f"--workdir={workdir}")
@@ -71,10 +68,12 @@ def test_train_then_eval_gives_the_same_accuracy(tmp_path):
   assert psaq["calib_source"] == "psaq" and "misprediction_rate" in psaq
 
 
-@pytest.mark.skipif(not os.path.exists(REFERENCE), reason="reference checkpoint not committed")
-def test_reference_checkpoint_reports_its_recorded_accuracy(tmp_path):
-  recorded = read_json(os.path.join(ROOT, "checkpoints", "fmnist_vit.json"))
-  launch("--config=configs/fmnist_vit.py", "--mode=eval", f"--workdir={tmp_path}")
+@pytest.mark.parametrize("name,checkpoint", [("fmnist_vit", "fmnist_vit.npz"),
+                                             ("fmnist_swin", "fmnist_swin.safetensors")])
+def test_reference_checkpoint_reports_its_recorded_accuracy(tmp_path, name, checkpoint):
+  assert os.path.exists(os.path.join(ROOT, "checkpoints", checkpoint))
+  recorded = read_json(os.path.join(ROOT, "checkpoints", f"{name}.json"))
+  launch(f"--config=configs/{name}.py", "--mode=eval", f"--workdir={tmp_path}")
   result = read_json(os.path.join(tmp_path, "eval.json"))
   assert result["n"] == 10000
   assert result["top1"] == pytest.approx(recorded["top1"], abs=0.011)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from clamp_jax.models.checkpoints import save_vit_npz
+from clamp_jax.qwix_export import weight_bytes
 from clamp_jax.report import read_metrics
 from conftest import LAUNCH_TIMEOUT as TIMEOUT, ROOT, launch, random_params, read_json, tiny_model_config
 
@@ -23,15 +24,6 @@ LAUNCH = [sys.executable, os.path.join(ROOT, "launch.py")]
 NUM_EVAL = 100
 NUM_BLOCKS = 6  # 3 passes over 2 blocks
 KILL_AFTER = 2  # blocks checkpointed before the SIGKILL
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """The environment of every subprocess: a compilation cache shared by the module's runs."""
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +91,25 @@ def assert_same_npz(a_path, b_path):
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def kill_after_blocks(args, workdir, env, log_path, blocks):
+  """Runs launch.py with `args` and SIGKILLs it once `blocks` block checkpoints are complete."""
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(LAUNCH + args, cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+      deadline = time.time() + TIMEOUT
+      while not [s for s in complete_steps(workdir) if s >= blocks]:
+        assert proc.poll() is None, f"run ended before it was killed: {proc.returncode}"
+        assert time.time() < deadline, f"no checkpoint of {blocks} blocks in time"
+        time.sleep(0.02)
+      os.kill(proc.pid, signal.SIGKILL)
+      assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def final_state(workdir):
   from clamp_jax.run_state import RunCheckpoints
   checkpoints = RunCheckpoints(os.path.join(workdir, "state"))
@@ -121,21 +132,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, checkpoint, env, refere
   run never stopped; the finished workdir is then not redone."""
   workdir = str(tmp_path / "killed")
   args = search_args(checkpoint, workdir)
-  with open(tmp_path / "killed.log", "w") as log:
-    proc = subprocess.Popen(LAUNCH + args, cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-      deadline = time.time() + TIMEOUT
-      while not [s for s in complete_steps(workdir) if s >= KILL_AFTER]:
-        assert proc.poll() is None, f"run ended before it was killed: {proc.returncode}"
-        assert time.time() < deadline, "no checkpoint of two blocks in time"
-        time.sleep(0.02)
-      os.kill(proc.pid, signal.SIGKILL)
-      assert proc.wait(timeout=60) == -signal.SIGKILL
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  kill_after_blocks(args, workdir, env, tmp_path / "killed.log", KILL_AFTER)
   assert not os.path.exists(os.path.join(workdir, "results.json"))
   steps = complete_steps(workdir)
   assert KILL_AFTER <= max(steps) < NUM_BLOCKS  # killed in the middle of the search
@@ -255,6 +252,8 @@ def test_finished_run_writes_results_and_report(tmp_path, reference, checkpoint,
   assert os.path.isfile(os.path.join(reference, "quant_params", "sites.json"))
   with np.load(os.path.join(reference, "quantized.npz")) as f:
     assert f.files
+    assert results["weight_bytes"] == weight_bytes(f)  # float32, and the qwix export's
+  assert 0 < results["weight_bytes"]["quantized"] < results["weight_bytes"]["float"]
 
 
 def test_exported_model_evaluates_to_the_run_top1(tmp_path, checkpoint, env, reference):
@@ -307,9 +306,11 @@ def invalid_runs(tmp_path_factory, checkpoint, env):
 
 @pytest.mark.parametrize("name", sorted(INVALID))
 def test_invalid_config_stops_at_start_naming_it(name, invalid_runs):
-  """Each invalid config stops before any work, naming the field (or what to install)."""
+  """Each invalid config stops before any work with one line naming the field (or what to
+  install), no traceback."""
   workdir, returncode, _, stderr, _ = invalid_runs[name]
-  assert returncode != 0
+  assert returncode == 2 and stderr.splitlines()[-1].startswith("error: ")
+  assert "Traceback" not in stderr
   for expected in INVALID[name][1]:
     assert expected in stderr, f"{expected!r} not in:\n{stderr[-2000:]}"
   assert set(os.listdir(workdir)) <= {"config.json"}

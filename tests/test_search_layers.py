@@ -50,12 +50,15 @@ def test_vmapped_scores_equal_one_by_one(setup):
   model, variables, images, qparams = setup
   cfg = search_config(**SMALL)
   population = EvolQ(population_size=5).initial_population(jax.random.PRNGKey(2), qparams)
-  scores = LayersEvaluator(model, variables, images, cfg).score(population)
+  evaluator = LayersEvaluator(model, variables, cfg)
+  scores = evaluator.score(None, population, qparams, evaluator.caches(qparams, images), None)
   want = [loss(model, variables, take(population, i), images, cfg) for i in range(5)]
   np.testing.assert_allclose(scores, want, rtol=1e-5)
   assert len(set(np.round(want, 6))) > 1
-  chunked = LayersEvaluator(model, variables, images, search_config(**SMALL, chunk_size=2))
-  np.testing.assert_allclose(chunked.score(population), scores, rtol=1e-6)
+  chunked = LayersEvaluator(model, variables, search_config(**SMALL, chunk_size=2))
+  np.testing.assert_allclose(
+      chunked.score(None, population, qparams, chunked.caches(qparams, images), None), scores,
+      rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["contrastive", "kl"])

@@ -3,9 +3,6 @@ losses, Fisher weights by block name, block-cached search scores, the budget's M
 block and a patch merge, mixed precision, export, and the launch.py cycle (kill, resume, eval)."""
 
 import os
-import signal
-import subprocess
-import time
 
 import flax
 import jax
@@ -26,9 +23,9 @@ from clamp_jax.search.budget import costs, report
 from clamp_jax.search.evaluator import block_sites, fisher_weights
 from clamp_jax.search.fitness import Fitness
 from clamp_jax.search.strategy import take
-from conftest import LAUNCH_TIMEOUT, ROOT, launch, read_json
-from test_pipeline import (LAUNCH, assert_same_npz, assert_same_quant_params, complete_steps,
-                           final_state)
+from conftest import launch, read_json
+from test_pipeline import (assert_same_npz, assert_same_quant_params, complete_steps, final_state,
+                           kill_after_blocks)
 
 # configs/fmnist_swin.py:tiny: a 14x14 grid (window 7, stage 1 shifted every second block), then
 # 7x7 (one window, never shifted); widths 8 and 16.
@@ -196,14 +193,6 @@ KILL_AFTER = 2
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   """A random tiny Swin as a timm (>= 0.9) .safetensors file."""
   path = str(tmp_path_factory.mktemp("checkpoint") / "swin.safetensors")
@@ -229,21 +218,7 @@ def reference(tmp_path_factory, checkpoint, env):
 def test_killed_swin_run_resumes_to_the_same_result(tmp_path, checkpoint, env, reference):
   workdir = str(tmp_path / "killed")
   args = cycle_args(checkpoint, workdir)
-  with open(tmp_path / "killed.log", "w") as log:
-    proc = subprocess.Popen(LAUNCH + args, cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-      deadline = time.time() + LAUNCH_TIMEOUT
-      while not [s for s in complete_steps(workdir) if s >= KILL_AFTER]:
-        assert proc.poll() is None, f"run ended before it was killed: {proc.returncode}"
-        assert time.time() < deadline, "no checkpoint of two blocks in time"
-        time.sleep(0.02)
-      os.kill(proc.pid, signal.SIGKILL)
-      assert proc.wait(timeout=60) == -signal.SIGKILL
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+  kill_after_blocks(args, workdir, env, tmp_path / "killed.log", KILL_AFTER)
   steps = complete_steps(workdir)
   assert KILL_AFTER <= max(steps) < NUM_BLOCKS
   resumed = launch(*args, env=env)
@@ -270,3 +245,15 @@ def test_swin_export_evaluates_to_the_run_top1(tmp_path, checkpoint, env, refere
   assert evaluated["n"] == results["n"] == NUM_EVAL
   assert evaluated["top1"] == results["quant_top1"]
   assert f"quantized top-1: {evaluated['top1']:.2f}%" in out.stdout
+
+
+def test_a_swin_file_of_another_shape_evaluates_with_only_the_checkpoint_flag(tmp_path, checkpoint,
+                                                                              env):
+  out = launch("--config=configs/fmnist_swin.py", "--mode=eval", f"--workdir={tmp_path}",
+               f"--config.model.checkpoint={checkpoint}", env=env)
+  evaluated = read_json(os.path.join(tmp_path, "eval.json"))
+  recorded = read_json(os.path.join(tmp_path, "config.json"))["model"]
+  assert evaluated["n"] == 10000 and 0 <= evaluated["top1"] <= 100
+  assert (recorded["embed_dim"], recorded["num_heads"]) == (SHAPE["embed_dim"],
+                                                           list(SHAPE["num_heads"]))
+  assert f"float top-1: {evaluated['top1']:.2f}%" in out.stdout

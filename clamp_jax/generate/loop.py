@@ -110,9 +110,10 @@ def generate(config: ml_collections.ConfigDict, model: nn.Module, params, qparam
              steps: Optional[int] = None) -> Tuple[jax.Array, jax.Array, GenState, dict]:
   """Synthesises `config.generate.num_images` images: `(images, targets, state, report)`.
 
-  `qparams`: Q's `QuantParams` (the anchors of the contrastive loss); None calibrates Q with
-  `config.quant` on the initial images (the min-max initialised model); unused by `psaq` and
-  when `w_contrast` is 0. `key`: None uses
+  `model`: ours, or a foreign linen ViT as a `models.foreign.ForeignViT`. `qparams`: Q's
+  `QuantParams` (the anchors of the contrastive loss; a foreign model's from `calibrate_layers`);
+  None calibrates Q with `config.quant` on the initial images (the min-max initialised model;
+  our models only); unused by `psaq` and when `w_contrast` is 0. `key`: None uses
   `config.generate.seed`. `init_state` (a previous `state`) warm-starts a refresh with a fresh
   optimizer; `steps` defaults to `steps` for a first generation and `refresh_steps` for a refresh.
   `images` are the final un-augmented images, inside the valid normalised range.
@@ -157,7 +158,8 @@ def generate(config: ml_collections.ConfigDict, model: nn.Module, params, qparam
     if i == 0:
       jax.block_until_ready(loss)
       t1 = time.perf_counter()
-    if (i + 1) % log_every == 0 or i + 1 == steps:
+    if init_state is None and ((i + 1) % log_every == 0 or i + 1 == steps):  # refreshes: one
+      # line each, by their caller
       logging.info("generate (%s, %s): step %d/%d  loss %.4f  %.0fs", gen_cfg.method,
                    gen_cfg.generator, i + 1, steps, float(loss), time.perf_counter() - t0)
   curve = [float(v) for v in jax.device_get(curve)]

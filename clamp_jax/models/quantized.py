@@ -174,9 +174,10 @@ def grid_range(scale, zero_point, bits, signed: bool):
 
 
 def site_params(x: jax.Array, rule: dict, batch: int, qcfg: ml_collections.ConfigDict,
-                grid: Optional[tuple] = None) -> SiteQuant:
+                grid: Optional[tuple] = None, weight_axes: tuple = (0,)) -> SiteQuant:
   """Calibrates one site on its observed value `x`; `grid` `(scale, zero_point)` is used as it
-  is instead of the observer's (a reparameterized LayerNorm output's common grid)."""
+  is instead of the observer's (a reparameterized LayerNorm output's common grid). A weight's
+  grid is per output channel: one per index of the axes other than `weight_axes`."""
   bits = jnp.asarray(rule["bits"], jnp.float32)
   x = jnp.asarray(x, jnp.float32)
   static = dict(kind=rule["kind"], signed=rule["signed"], quantizer=rule["quantizer"],
@@ -193,7 +194,7 @@ def site_params(x: jax.Array, rule: dict, batch: int, qcfg: ml_collections.Confi
     return SiteQuant(scale, zero_point, bits, **static, lo=lo, hi=hi)
   if rule["ptf"]:
     return SiteQuant(*observers.ptf(x, bits, qcfg.ptf_factors), bits, **static)
-  reduce_axes = (0,) if rule["kind"] == WEIGHT else None  # weights: per output channel
+  reduce_axes = weight_axes if rule["kind"] == WEIGHT else None  # weights: per output channel
   scale, zero_point = OBSERVERS[rule["observer"]](x, bits, rule["signed"], reduce_axes)
   lo, hi = observers.minmax_range(x, reduce_axes)
   return SiteQuant(scale, zero_point, bits, **static, lo=lo, hi=hi)

@@ -35,7 +35,13 @@ def quant_site(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
 
 
 def _quant_kernel(module: nn.Module, kernel: jax.Array, in_axes: int) -> jax.Array:
-  """The kernel passes its site as a 2-D `(inputs, outputs)` view: per-output-channel is axis 1."""
+  """The kernel passes its site as a 2-D `(inputs, outputs)` view: per-output-channel is axis 1.
+
+  A kernel whose site is neither observed nor quantized is returned as it is, so a qwix PTQ
+  kernel (which refuses reshapes) reaches the matmul untouched (`clamp_jax/qwix_export.py`).
+  """
+  if not (module.has_variable(QUANT, "kernel") or module.is_mutable_collection(OBSERVE)):
+    return kernel
   n_in = int(np.prod(kernel.shape[:in_axes]))
   return quant_site(module, "kernel", kernel.reshape(n_in, -1)).reshape(kernel.shape)
 

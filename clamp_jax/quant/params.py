@@ -47,6 +47,10 @@ class SiteQuant:
   # bit widths (mixed precision); None where unknown (non-uniform sites, sites built elsewhere).
   lo: Optional[jax.Array] = None
   hi: Optional[jax.Array] = None
+  # The bits mixed precision may give the site, `(low, high)` inclusive; None: the strategy's range
+  # for the site's kind (a block site of our models). A foreign model's sites carry their rule's
+  # (`models.intercept.Rule`). Not saved by `split`: only the search reads it.
+  bit_range: Optional[Tuple[int, int]] = struct.field(pytree_node=False, default=None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Fake-quantizes `x` (straight-through gradient)."""

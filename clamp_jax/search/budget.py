@@ -1,6 +1,7 @@
 """The mixed-precision budget: model size (params x w_bits) and BOPs (MACs x w_bits x a_bits
-over the weight matmuls) of a ViT's or Swin's `QuantParams`, relative to a uniform model (by
-default W4/A8, `config.quant.budget_w_bits` / `budget_a_bits`); reports are relative to W4/A8.
+over the weight matmuls) of a ViT's or Swin's `QuantParams`, or of a foreign model's
+(`models.intercept`), relative to a uniform model (by default W4/A8,
+`config.quant.budget_w_bits` / `budget_a_bits`); reports are relative to W4/A8.
 
 Costs are sums of integers computed on the host in float64, where they are exact, so "within
 budget" is an exact comparison. Arrays may carry a leading population axis `[K]` (a block's
@@ -12,7 +13,7 @@ import re
 
 import numpy as np
 
-from clamp_jax.quant.params import WEIGHT, flatten
+from clamp_jax.quant.params import WEIGHT, SiteQuant, flatten
 
 REFERENCE_BITS = (4, 8)  # (weights, activations) of the model reports are relative to
 KINDS = {"size": [0], "bops": [1], "both": [0, 1]}  # config.quant.budget_kind -> counted costs
@@ -33,6 +34,8 @@ MATMULS = (
     (r"head/kernel", "pre_logits_out", False),
     (r"head/kernel", "head_in", False),
     (r"head/kernel", "Transformer/encoder_norm_out", False),
+    # A foreign model's layer (each input element read once: dense layers, patch convs).
+    (r"(.*)/kernel", r"\1/input", True),
 )
 
 
@@ -45,18 +48,21 @@ def matmul_input(path: str, sites: dict):
   return None
 
 
-def searched(path: str) -> bool:
-  """Whether site `path` is in a block (the sites mixed precision moves)."""
+def searched(path: str, site: SiteQuant) -> bool:
+  """Whether mixed precision moves site `path`: a site whose own `bit_range` spans more than one
+  width (a foreign model's), else a block's site (our models')."""
+  if site.bit_range is not None:
+    return site.bit_range[0] < site.bit_range[1]
   return "/encoderblock_" in path
 
 
-def costs(qparams, bits=None, blocks_only: bool = False) -> np.ndarray:
+def costs(qparams, bits=None, searched_only: bool = False) -> np.ndarray:
   """`[..., 2]`: size and BOPs per image; with `bits=(w, a)`, as if every site (with
-  `blocks_only`, every block site; the others as they are) had those bits."""
+  `searched_only`, every site mixed precision moves; the others as they are) had those bits."""
   sites = flatten(qparams)
 
   def bits_of(path, site):
-    if bits is not None and (searched(path) or not blocks_only):
+    if bits is not None and (searched(path, site) or not searched_only):
       return float(bits[0] if site.kind == WEIGHT else bits[1])
     return np.asarray(site.bits, np.float64)
 
@@ -68,8 +74,10 @@ def costs(qparams, bits=None, blocks_only: bool = False) -> np.ndarray:
     found = matmul_input(path, sites)
     if found:
       source, every_token = found
-      # MACs = tokens x in x out, with tokens = input elements / in = input elements x out / numel.
-      tokens = sites[source].numel * site.scale.shape[-1] // site.numel if every_token else 1
+      # MACs = tokens x in x out, with tokens = input elements / in = input elements x out / numel;
+      # out: the output channels, one scale each (per candidate of a population).
+      out = site.scale.size // np.size(site.bits)
+      tokens = sites[source].numel * out // site.numel if every_token else 1
       bops = bops + tokens * site.numel * bits_of(path, site) * bits_of(source, sites[source])
   return np.stack(np.broadcast_arrays(size, bops), axis=-1)
 
@@ -89,9 +97,9 @@ class Budget:
 
   @classmethod
   def of(cls, qparams, limit: float, kind: str, bits=REFERENCE_BITS) -> "Budget":
-    """The budget relative to `qparams` with every block site at `bits` `(w, a)` (the sites
-    outside the blocks, which the search does not move, as they are)."""
-    return cls(costs(qparams, bits, blocks_only=True), limit, kind)
+    """The budget relative to `qparams` with every searched site at `bits` `(w, a)` (the sites
+    the search does not move, outside the blocks or of a fixed width, as they are)."""
+    return cls(costs(qparams, bits, searched_only=True), limit, kind)
 
   @classmethod
   def from_config(cls, qparams, quant_cfg) -> "Budget":

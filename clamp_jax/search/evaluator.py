@@ -35,13 +35,16 @@ class Caches:
   fisher: Optional[PerBlock] = None  # g^2 of the "fisher" block loss, else None
 
 
-def block_sites(qparams: dict, block: int) -> dict:
-  """Block `block`'s sites of `qparams`."""
-  return qparams[ENCODER][block_name(block)]
+def block_sites(qparams: dict, block: Optional[int]) -> dict:
+  """Block `block`'s sites of `qparams`; all of them when `block` is None (the whole-model search
+  of a foreign model, `search/layers.py`)."""
+  return qparams if block is None else qparams[ENCODER][block_name(block)]
 
 
-def with_block(qparams: dict, block: int, candidate: dict) -> dict:
-  """`qparams` with block `block`'s sites replaced by `candidate`."""
+def with_block(qparams: dict, block: Optional[int], candidate: dict) -> dict:
+  """`qparams` with block `block`'s sites (all, when None) replaced by `candidate`."""
+  if block is None:
+    return candidate
   encoder = dict(qparams[ENCODER], **{block_name(block): candidate})
   return dict(qparams, **{ENCODER: encoder})
 

@@ -1,14 +1,17 @@
-"""Search of the scales of a linen model we did not write, quantized by `models.intercept`.
+"""Search of the scales (and bits) of a linen model we did not write, quantized by
+`models.intercept`.
 
 Our ViT's search reruns only a block and what follows it from cached inputs; a foreign model
 has no such entry point, so every candidate (the whole `calibrate_layers` tree) runs the whole
 model: `apply_quantized_layers` vmapped over the population, sharded over a "pop" mesh, scored
-by the output loss against the float logits. Images are not refreshed; `cfg.w_block` is unused.
+by the output loss against the float logits. `LayersEvaluator` has `BlockEvaluator`'s interface
+with the block None (the whole model), so each pass is the ViT's `search_block`: the same
+strategies, data refresh and budget. `cfg.w_block` is unused.
 """
 
 import functools
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from absl import logging
 import flax.linen as nn
@@ -16,41 +19,38 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from clamp_jax.models.intercept import apply_quantized_layers
+from clamp_jax.models.intercept import OutputFn, apply_quantized_layers, logits_of
+from clamp_jax.models.quantized import quant_config
+from clamp_jax.quant.params import iter_sites
+from clamp_jax.search.budget import report
 from clamp_jax.search.evaluator import map_sharded, population_mesh, score_sharded
 from clamp_jax.search.fitness import output_loss
-from clamp_jax.search.loop import strategy_from, validate
-from clamp_jax.search.strategy import best
-
-
-OutputFn = Callable[[Any], jax.Array]  # what `model.apply` returns -> logits `[B, classes]`
-
-
-def logits_of(output: Any, output_fn: Optional[OutputFn]) -> jax.Array:
-  """The logits in a model's output: `output_fn(output)`, or the output itself when it is an
-  array; raises TypeError naming the output's type otherwise."""
-  logits = output if output_fn is None else output_fn(output)
-  if not isinstance(logits, jax.Array):
-    raise TypeError(f"the model returned {type(output).__name__}, not logits; pass "
-                    f"output_fn=..., e.g. output_fn=lambda out: out.logits")
-  return logits
+from clamp_jax.search.loop import Refresh, search_block, start_strategy, validate
 
 
 class LayersEvaluator:
-  """Fitness `[K]` of whole-model candidates on fixed images, vmapped, chunked and sharded.
+  """Fitness `[K]` of whole-model candidates, vmapped, chunked and sharded.
 
   `apply_kwargs` are static keyword arguments of `model.apply` (e.g. `train=False`);
   `output_fn` reads the logits from what `model.apply` returns (default: it returns them).
   """
 
-  def __init__(self, model: nn.Module, variables: dict, images: jax.Array,
-               cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None,
-               output_fn: Optional[OutputFn] = None, **apply_kwargs):
-    self.model, self.variables, self.images, self.cfg = model, variables, images, cfg
+  def __init__(self, model: nn.Module, variables: dict, cfg: ml_collections.ConfigDict,
+               mesh: Optional[Mesh] = None, output_fn: Optional[OutputFn] = None,
+               **apply_kwargs):
+    self.model, self.variables, self.cfg = model, variables, cfg
     self.mesh, self.apply_kwargs = mesh or population_mesh(), apply_kwargs
     self.output_fn = output_fn
-    forward = jax.jit(lambda v, x: logits_of(model.apply(v, x, **apply_kwargs), output_fn))
-    self.fp_logits = forward(variables, images)
+    self.forward = jax.jit(lambda v, x: logits_of(model.apply(v, x, **apply_kwargs), output_fn))
+
+  def caches(self, qparams: dict, images: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """`(images, float logits)`: what candidates are scored on (`qparams` is unused: a candidate
+    is the whole model)."""
+    return images, self.forward(self.variables, images)
+
+  def token_sample(self, key: jax.Array, caches, block: None) -> None:
+    """No tokens: the fitness has no block term."""
+    return None
 
   def candidate_fitness(self, variables: dict, images: jax.Array, fp_logits: jax.Array,
                         candidate: dict) -> jax.Array:
@@ -59,10 +59,12 @@ class LayersEvaluator:
                                                 **self.apply_kwargs), self.output_fn)
     return output_loss(q_logits, fp_logits, self.cfg.output_loss, self.cfg.temperature)
 
-  def score(self, population: dict) -> jax.Array:
-    return score_sharded(
-        lambda pop: self._score(self.variables, self.images, self.fp_logits, pop), population,
-        self.mesh)
+  def score(self, block: None, population: dict, qparams: dict, caches, sample) -> jax.Array:
+    """Fitness `[K]` of a population of whole-model candidates on `caches` (`block`, `qparams`
+    and `sample` are `BlockEvaluator`'s, unused)."""
+    images, fp_logits = caches
+    return score_sharded(lambda pop: self._score(self.variables, images, fp_logits, pop),
+                         population, self.mesh)
 
   @functools.partial(jax.jit, static_argnums=0)
   def _score(self, variables, images, fp_logits, population):
@@ -74,29 +76,35 @@ class LayersEvaluator:
 def search_layers(model: nn.Module, variables: dict, qparams: dict, images: jax.Array,
                   cfg: ml_collections.ConfigDict, mesh: Optional[Mesh] = None,
                   output_fn: Optional[OutputFn] = None,
-                  **apply_kwargs) -> Tuple[dict, List[dict]]:
-  """`cfg.passes * cfg.generations` generations of `EvolQ` over all the scales of `qparams`
-  (from `calibrate_layers`); returns `(best qparams, history)`, one history entry per pass.
+                  quant_cfg: Optional[ml_collections.ConfigDict] = None,
+                  refresh: Optional[Refresh] = None, **apply_kwargs) -> Tuple[dict, List[dict]]:
+  """`cfg.passes` passes of `cfg.generations` generations over all the sites of `qparams` (from
+  `calibrate_layers`); returns `(best qparams, history)`, one history entry per pass.
+
   `output_fn` reads the logits from a model whose `apply` returns a structure, e.g.
-  `output_fn=lambda out: out.logits` for HuggingFace's Flax models."""
+  `output_fn=lambda out: out.logits` for HuggingFace's Flax models. Where a rule gave a bit
+  range (`Rule.w_range`, `a_range`), bits are searched too (`MixedEvolQ`) under the budget of
+  `quant_cfg` (`budget`, `budget_kind`, `budget_w_bits`, `budget_a_bits`, `bit_mutation_prob`;
+  default `quant_config()`'s: the size of the model with those sites at W4/A8), the start first
+  lowered into it; the other sites keep their bits. `refresh(qparams, key) -> images`
+  regenerates the images against the current quantized model every `cfg.refresh_every`
+  generations (e.g. `generate` on a `models.foreign.ForeignViT`).
+  """
   validate(cfg)
-  evaluator = LayersEvaluator(model, variables, images, cfg, mesh, output_fn, **apply_kwargs)
-  strategy = strategy_from(cfg)
-  k_init, k_gens = jax.random.split(jax.random.PRNGKey(cfg.seed))
-  population = strategy.initial_population(k_init, qparams)
-  scores = evaluator.score(population)
-  before = float(scores[0])  # the unmutated start
-  state = strategy.init(population, scores)
+  evaluator = LayersEvaluator(model, variables, cfg, mesh, output_fn, **apply_kwargs)
+  quant_cfg = (quant_cfg or quant_config()).copy_and_resolve_references()
+  quant_cfg.mixed = any(s.bit_range and s.bit_range[0] < s.bit_range[1]
+                        for _, s in iter_sites(qparams))
+  strategy, budget, qparams = start_strategy(cfg, quant_cfg, qparams)
   history: List[dict] = []
   t0 = time.time()
-  for p, keys in enumerate(jax.random.split(k_gens, (cfg.passes, cfg.generations))):
-    for key in keys:
-      children = strategy.ask(key, state)
-      state = strategy.tell(state, children, evaluator.score(children))
-    after = float(state.fitness[0])
+  for p in range(cfg.passes):
+    key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), p)
+    # block None: the best candidate is the whole qparams
+    qparams, before, after, images = search_block(evaluator, strategy, None, qparams, images, key,
+                                                  cfg, budget, refresh)
     history.append(dict(pass_=p, fitness_before=before, fitness_after=after,
-                        elapsed=time.time() - t0))
+                        elapsed=time.time() - t0, **(report(qparams) if budget else {})))
     logging.info("pass %d/%d: fitness %.5f -> %.5f  elapsed %.0fs", p + 1, cfg.passes, before,
                  after, history[-1]["elapsed"])
-    before = after
-  return best(state), history
+  return qparams, history

@@ -75,12 +75,26 @@ def strategy_from(cfg: ml_collections.ConfigDict,
   return EvolQ(**evol)
 
 
-def search_block(evaluator: BlockEvaluator, strategy: EvolQ, block: int, qparams: dict,
-                 images: jax.Array, key: jax.Array, cfg: ml_collections.ConfigDict,
-                 budget: Optional[Budget] = None, refresh: Optional[Refresh] = None):
+def start_strategy(cfg: ml_collections.ConfigDict, quant_cfg: Optional[ml_collections.ConfigDict],
+                   qparams: dict) -> Tuple[EvolQ, Optional[Budget], dict]:
+  """`(strategy, budget, qparams)` to start a search from: `EvolQ`, no budget and `qparams`;
+  with `quant_cfg.mixed`, `MixedEvolQ`, `quant_cfg`'s budget and `qparams` lowered into it."""
+  strategy = strategy_from(cfg, quant_cfg)
+  if not isinstance(strategy, MixedEvolQ):
+    return strategy, None, qparams
+  validate_quant(quant_cfg)
+  budget = Budget.from_config(qparams, quant_cfg)
+  return strategy, budget, fit_budget(qparams, budget, strategy)
+
+
+def search_block(evaluator: BlockEvaluator, strategy: EvolQ, block: Optional[int],
+                 qparams: dict, images: jax.Array, key: jax.Array,
+                 cfg: ml_collections.ConfigDict, budget: Optional[Budget] = None,
+                 refresh: Optional[Refresh] = None):
   """`cfg.generations` generations for one block: `(best candidate, start fitness, best fitness,
   images)`, both fitnesses on the images returned. Candidates over `budget` (with the rest of
-  `qparams` as it is) score inf.
+  `qparams` as it is) score inf. Block None: the candidates are the whole `qparams` (a foreign
+  model's `LayersEvaluator`).
 
   With `refresh`, every `cfg.refresh_every` generations the images are regenerated against the
   current model (this block's best in place), the caches rebuilt and the population rescored on
@@ -143,14 +157,8 @@ def search(model: nn.Module, params, qparams: dict, images: jax.Array,
   """
   validate(cfg)
   evaluator = BlockEvaluator(model, params, cfg, mesh)
-  strategy = strategy_from(cfg, quant_cfg)
-  num_blocks = model.num_layers
-  budget = None
-  if isinstance(strategy, MixedEvolQ):
-    validate_quant(quant_cfg)
-    budget = Budget.from_config(qparams, quant_cfg)
-    qparams = fit_budget(qparams, budget, strategy, num_blocks)
-  order = search_order(cfg, num_blocks)
+  strategy, budget, qparams = start_strategy(cfg, quant_cfg, qparams)
+  order = search_order(cfg, model.num_layers)
   history: List[dict] = []
   t0 = time.time()
   for position in range(start, len(order)):

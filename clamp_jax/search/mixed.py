@@ -9,11 +9,14 @@ import jax.numpy as jnp
 
 from clamp_jax.quant.observers import range_to_grid
 from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, is_site
-from clamp_jax.search.budget import Budget, report
-from clamp_jax.search.evaluator import block_sites, with_block
+from clamp_jax.search.budget import Budget, report, searched
 from clamp_jax.search.strategy import EvolQ, map_sites
 
 MAX_BITS = 16
+
+
+class BudgetError(ValueError):
+  """`config.quant.budget` cannot be met even with every searched site at its lowest bits."""
 
 
 def with_bits(site: SiteQuant, bits) -> SiteQuant:
@@ -31,8 +34,8 @@ def with_bits(site: SiteQuant, bits) -> SiteQuant:
 @dataclasses.dataclass(frozen=True)
 class MixedEvolQ(EvolQ):
   """`EvolQ` whose mutation also moves each site's bits by +-1 (each with probability
-  `bit_mutation_prob / 2`) within `w_bits` (weights) or `a_bits` (activations), inclusive.
-  Sites other than uniform grids keep their bits."""
+  `bit_mutation_prob / 2`) within the site's own `bit_range`, else within `w_bits` (weights) or
+  `a_bits` (activations), inclusive. Sites other than uniform grids keep their bits."""
   w_bits: Tuple[int, int] = (2, 8)
   a_bits: Tuple[int, int] = (4, 8)
   bit_mutation_prob: float = 0.2
@@ -46,41 +49,41 @@ class MixedEvolQ(EvolQ):
       return site
     u, p = jax.random.uniform(key), self.bit_mutation_prob
     step = jnp.where(u < p / 2, -1.0, jnp.where(u < p, 1.0, 0.0))
-    low, high = self.w_bits if site.kind == WEIGHT else self.a_bits
+    low, high = site.bit_range or (self.w_bits if site.kind == WEIGHT else self.a_bits)
     return with_bits(site, jnp.clip(site.bits + step, low, high))
 
 
-def lowered(qparams: dict, num_blocks: int, kind: str, floor: int, steps: int = 1) -> dict:
-  """Every searched (block, uniform) site of `kind` `steps` bits lower, not below `floor`."""
-  def lower(site):
-    if site.kind != kind or not site.uniform:
+def lowered(qparams: dict, kind: str, floor: int, steps: int = 1) -> dict:
+  """Every searched uniform site of `kind` `steps` bits lower, not below `floor` (the low end of
+  the site's own `bit_range` where it has one)."""
+  def lower(keys, site):
+    path = "/".join(str(k.key) for k in keys)
+    if site.kind != kind or not site.uniform or not searched(path, site):
       return site
-    return with_bits(site, jnp.maximum(site.bits - steps, floor))
+    return with_bits(site, jnp.maximum(site.bits - steps,
+                                       site.bit_range[0] if site.bit_range else floor))
 
-  for block in range(num_blocks):
-    candidate = jax.tree_util.tree_map(lower, block_sites(qparams, block), is_leaf=is_site)
-    qparams = with_block(qparams, block, candidate)
-  return qparams
+  return jax.tree_util.tree_map_with_path(lower, qparams, is_leaf=is_site)
 
 
-def fit_budget(qparams: dict, budget: Budget, strategy: MixedEvolQ, num_blocks: int) -> dict:
+def fit_budget(qparams: dict, budget: Budget, strategy: MixedEvolQ) -> dict:
   """The search's start: `qparams` as they are when within `budget`, else with every searched
   weight site, then every activation site, lowered one bit at a time until within it.
 
-  Raises ValueError naming config.quant.budget when even the minimum bits exceed it.
+  Raises BudgetError naming config.quant.budget when even the minimum bits exceed it.
   """
   floors = ((WEIGHT, strategy.w_bits[0]), (ACTIVATION, strategy.a_bits[0]))
   lowest = qparams
   for kind, floor in floors:
-    lowest = lowered(lowest, num_blocks, kind, floor, MAX_BITS)
+    lowest = lowered(lowest, kind, floor, MAX_BITS)
   if not budget.allows(lowest):
-    raise ValueError(
+    raise BudgetError(
         f"config.quant.budget={budget.limit} ({budget.kind}) is out of reach: with the searched "
-        f"blocks at their minimum bits (w {strategy.w_bits[0]}, a {strategy.a_bits[0]}) the "
-        f"model costs {report(lowest)}")
+        f"sites at their minimum bits (w {strategy.w_bits[0]}, a {strategy.a_bits[0]}, or the "
+        f"low end of a site's own range) the model costs {report(lowest)}")
   for kind, floor in floors:
     for _ in range(MAX_BITS):
       if budget.allows(qparams):
         return qparams
-      qparams = lowered(qparams, num_blocks, kind, floor)
+      qparams = lowered(qparams, kind, floor)
   return qparams
