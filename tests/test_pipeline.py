@@ -123,8 +123,24 @@ def final_state(workdir):
 def reference(tmp_path_factory, checkpoint, env):
   """The workdir of the tiny CLAMP cycle run once, never stopped."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  launch(*search_args(checkpoint, workdir), env=env)
+  result = launch(*search_args(checkpoint, workdir), env=env)
+  with open(workdir + ".console.txt", "w") as f:  # beside the workdir, not in it
+    f.write(result.stderr + result.stdout)
   return workdir
+
+
+def test_console_is_a_line_per_phase_and_a_few_per_block(reference):
+  """What a person follows: each phase once, per block its search line and its refreshes' lines
+  (no per-step refresh lines), no other library's INFO lines."""
+  lines = open(reference + ".console.txt").read().splitlines()
+  for phase in ("loaded ", "generating ", "calibrated ", "min-max start: top-1",
+                "evaluated on ", "W4/A"):
+    assert sum(phase in line for line in lines) == 1, phase
+  assert sum("fitness" in line and "ETA" in line for line in lines) == NUM_BLOCKS
+  assert sum("refreshed " in line for line in lines) == NUM_BLOCKS  # between its 2 generations
+  per_run = 4 + 6 + 3  # generation steps (4), the phase lines, the reconstruction's 3 units
+  assert len(lines) <= per_run + 3 * NUM_BLOCKS, "\n".join(lines)
+  assert not any("orbax" in line or "checkpoint_manager" in line for line in lines)
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, checkpoint, env, reference):
