@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from clamp_jax.models.intercept import OutputFn, apply_quantized_layers, logits_of
 from clamp_jax.models.quantized import quant_config
 from clamp_jax.quant.params import iter_sites
-from clamp_jax.search.budget import report
+from clamp_jax.search.budget import report, searched
 from clamp_jax.search.evaluator import map_sharded, population_mesh, score_sharded
 from clamp_jax.search.fitness import output_loss
 from clamp_jax.search.loop import Refresh, search_block, start_strategy, validate
@@ -93,8 +93,7 @@ def search_layers(model: nn.Module, variables: dict, qparams: dict, images: jax.
   validate(cfg)
   evaluator = LayersEvaluator(model, variables, cfg, mesh, output_fn, **apply_kwargs)
   quant_cfg = (quant_cfg or quant_config()).copy_and_resolve_references()
-  quant_cfg.mixed = any(s.bit_range and s.bit_range[0] < s.bit_range[1]
-                        for _, s in iter_sites(qparams))
+  quant_cfg.mixed = any(searched(path, site) for path, site in iter_sites(qparams))
   strategy, budget, qparams = start_strategy(cfg, quant_cfg, qparams)
   history: List[dict] = []
   t0 = time.time()
