@@ -53,14 +53,19 @@ def quant_from_args(args: set, **overrides) -> ml_collections.ConfigDict:
   return quant_config(w_bits=w_bits, a_bits=a_bits, mixed="mp" in args, **overrides)
 
 
-RECONSTRUCT_MAX_W_BITS = 3  # the rounding reconstruction is on by default at these weight bits
+# The rounding reconstruction is on by default at weights of at most RECONSTRUCT_MAX_W_BITS and
+# activations of at least RECONSTRUCT_MIN_A_BITS (held-in top-1, BENCHMARKS.md: +2.8 at W3/A4,
+# +1.0 / +2.0 at W4/A4 on the two models; -6.4 at W4/A3).
+RECONSTRUCT_MAX_W_BITS = 4
+RECONSTRUCT_MIN_A_BITS = 4
 
 
 def reconstruct_from_args(args: set, quant: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.reconstruct`: on for the full cycle at <= 3-bit weights (+2.8 points at W3/A4 on
-  held-in images, BENCHMARKS.md; not yet measured at 4 bits), off with `minmax`."""
+  """`config.reconstruct`: on for the full cycle at low-bit weights and at least 4-bit
+  activations (`RECONSTRUCT_MAX_W_BITS`, `RECONSTRUCT_MIN_A_BITS`), off with `minmax`."""
   return reconstruct_config(
-      enabled="minmax" not in args and quant.w_bits <= RECONSTRUCT_MAX_W_BITS)
+      enabled="minmax" not in args and quant.w_bits <= RECONSTRUCT_MAX_W_BITS
+      and quant.a_bits >= RECONSTRUCT_MIN_A_BITS)
 
 
 def generate_for(model: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:

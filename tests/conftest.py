@@ -1,9 +1,12 @@
 """Shared fixtures: tiny models with every parameter random (so no layout mistake hides behind zeros)."""
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +19,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_TIMEOUT = 600
 
 
+def launch_env(optimize: bool = False):
+  """The environment of launch.py subprocesses: one JAX compilation cache for this pytest process
+  (each pytest-xdist worker has its own), so a program one run compiled is read by the next; XLA's
+  backend optimisations off unless `optimize` (the tiny models' runs are nearly all compilation:
+  this takes 40% off them; a run over the reference model's 10,000 test images wants them on)."""
+  if optimize not in _LAUNCH_ENV:
+    if _CACHE_DIR is None:
+      globals()["_CACHE_DIR"] = tempfile.mkdtemp(prefix="clamp_jax_test_jax_cache_")
+      atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if not optimize:
+      xla_flags = f"{xla_flags} --xla_backend_optimization_level=0".strip()
+    _LAUNCH_ENV[optimize] = dict(os.environ, JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
+                                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                                 XLA_FLAGS=xla_flags)
+  return _LAUNCH_ENV[optimize]
+
+
+_LAUNCH_ENV = {}
+_CACHE_DIR = None
+
+
 def launch(*args, env=None, check=True):
-  """`python launch.py ARGS` in a subprocess from the repo root, as a user runs it."""
+  """`python launch.py ARGS` in a subprocess from the repo root, as a user runs it (`env`:
+  `launch_env()` unless given)."""
   result = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+                          env=env or launch_env(), capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT)
   if check and result.returncode != 0:
     raise AssertionError(f"launch.py {' '.join(args)} failed:\n{result.stderr[-3000:]}")
   return result
@@ -64,13 +92,10 @@ def calibrated_tiny(qcfg):
   return cfg, model, params, images, calibrate(model, params, images, qcfg)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """The environment of a module's launch.py subprocesses: one shared compilation cache."""
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+@pytest.fixture(scope="session")
+def env():
+  """`launch_env()`, for tests that start launch.py with `subprocess` themselves."""
+  return launch_env()
 
 
 @pytest.fixture

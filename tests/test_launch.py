@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT, launch, read_json
+from conftest import ROOT, launch, launch_env, read_json
 
 def test_train_then_eval_gives_the_same_accuracy(tmp_path):
   workdir = str(tmp_path / "train")
@@ -73,7 +73,8 @@ def test_train_then_eval_gives_the_same_accuracy(tmp_path):
 def test_reference_checkpoint_reports_its_recorded_accuracy(tmp_path, name, checkpoint):
   assert os.path.exists(os.path.join(ROOT, "checkpoints", checkpoint))
   recorded = read_json(os.path.join(ROOT, "checkpoints", f"{name}.json"))
-  launch(f"--config=configs/{name}.py", "--mode=eval", f"--workdir={tmp_path}")
+  launch(f"--config=configs/{name}.py", "--mode=eval", f"--workdir={tmp_path}",
+         env=launch_env(optimize=True))  # 10,000 images: runtime matters
   result = read_json(os.path.join(tmp_path, "eval.json"))
   assert result["n"] == 10000
   assert result["top1"] == pytest.approx(recorded["top1"], abs=0.011)

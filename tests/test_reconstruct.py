@@ -105,9 +105,11 @@ def test_impossible_reconstruct_settings_are_named(field, value):
     validate(reconstruct_config(**{field: value}))
 
 
-@pytest.mark.parametrize("arg,enabled", [("w3a4", True), ("w2a8", True), ("w3a4,minmax", False),
-                                         ("w4a4", False), ("", False)])
-def test_the_cycle_reconstructs_by_default_at_three_bit_weights_and_below(arg, enabled):
+@pytest.mark.parametrize("arg,enabled", [("w3a4", True), ("w2a8", True), ("w4a4", True),
+                                         ("mp,w4a4", True), ("w3a4,minmax", False),
+                                         ("w4a3", False), ("w3a3", False), ("w6a6", False),
+                                         ("", False)])
+def test_the_cycle_reconstructs_by_default_at_low_bit_weights_and_4_bit_activations(arg, enabled):
   from configs import deit_s, fmnist_vit
   assert fmnist_vit.get_config(arg).reconstruct.enabled == enabled
   assert deit_s.get_config(arg).reconstruct.enabled == enabled

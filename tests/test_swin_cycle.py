@@ -23,7 +23,7 @@ from clamp_jax.search.budget import costs, report
 from clamp_jax.search.evaluator import block_sites, fisher_weights
 from clamp_jax.search.fitness import Fitness
 from clamp_jax.search.strategy import take
-from conftest import launch, read_json
+from conftest import launch, launch_env, read_json
 from test_pipeline import (assert_same_npz, assert_same_quant_params, complete_steps, final_state,
                            kill_after_blocks)
 
@@ -247,10 +247,9 @@ def test_swin_export_evaluates_to_the_run_top1(tmp_path, checkpoint, env, refere
   assert f"quantized top-1: {evaluated['top1']:.2f}%" in out.stdout
 
 
-def test_a_swin_file_of_another_shape_evaluates_with_only_the_checkpoint_flag(tmp_path, checkpoint,
-                                                                              env):
+def test_a_swin_file_of_another_shape_evaluates_with_only_the_checkpoint_flag(tmp_path, checkpoint):
   out = launch("--config=configs/fmnist_swin.py", "--mode=eval", f"--workdir={tmp_path}",
-               f"--config.model.checkpoint={checkpoint}", env=env)
+               f"--config.model.checkpoint={checkpoint}", env=launch_env(optimize=True))
   evaluated = read_json(os.path.join(tmp_path, "eval.json"))
   recorded = read_json(os.path.join(tmp_path, "config.json"))["model"]
   assert evaluated["n"] == 10000 and 0 <= evaluated["top1"] <= 100
