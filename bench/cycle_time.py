@@ -24,7 +24,7 @@ the device's `peak_bytes_in_use` where `memory_stats()` has it, else the process
 Candidates/s: candidates scored in the search over the "search" seconds. The evaluator's
 FLOP/s: XLA's cost analysis of its program (the middle block, K candidates, one device) over its
 best-of-3 time, against a square matmul of the params' dtype timed in the same process. The
-rounding reconstruction (on at <= 3-bit weights) is not part of the timed cycle.
+rounding reconstruction (on at <= 4-bit weights and >= 4-bit activations) is not part of the timed cycle.
 """
 
 import collections

@@ -9,7 +9,7 @@ Arguments (after a colon, comma-separated): a bit preset `w8a8` (default), `w6a6
 `w4a4`, `w3a8`, `w3a4`, `w4a3`, `w3a3`, `w2a8` (protocol `config.quant.sites`, `matmul`); `mp` searches mixed precision within the uniform W4/A8 model's size (starting from
 `w4a8` unless a bit preset is given); `minmax` turns the search and the rounding reconstruction
 off (min-max calibration on the generated images only; the full cycle reconstructs the weights'
-rounding after the search at <= 3-bit weights, `config.reconstruct`); `paper` uses the paper's schedule (10 passes, 50-step refreshes) instead
+rounding after the search at <= 4-bit weights and >= 4-bit activations, `config.reconstruct`); `paper` uses the paper's schedule (10 passes, 50-step refreshes) instead
 of the reduced one that fits 2 CPU cores; `tiny` shrinks model and schedule for tests.
 """
 
