@@ -14,7 +14,7 @@ from clamp_jax import generate as gen
 from clamp_jax.models import build_model
 from clamp_jax.models.protocol import BlockGrid
 from clamp_jax.models.quantized import calibrate, quant_config
-from conftest import random_images, tiny_model_config
+from conftest import OPTIMIZED, random_images, tiny_model_config
 
 CHECKPOINT = os.path.join(os.path.dirname(__file__), os.pardir, "checkpoints", "fmnist_vit.npz")
 
@@ -26,7 +26,7 @@ NEIGHBOURS_3X3 = {0: [1, 3, 4], 1: [0, 2, 3, 4, 5], 2: [1, 4, 5], 3: [0, 1, 4, 6
 
 # XLA's backend optimisation level 0 compiles the model programs ~4x faster on CPU; these tests
 # check behaviour, not speed. Jitting a whole function also beats running it op by op.
-optimising_jit = jax.jit
+optimising_jit = functools.partial(jax.jit, compiler_options=OPTIMIZED)
 quick_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 terms_of = quick_jit(gen.contrastive_terms, static_argnums=(2, 3, 4, 5))
 contrast = quick_jit(gen.patch_contrastive_loss, static_argnums=(2, 3, 4, 5))
