@@ -7,6 +7,7 @@ launch.py with `launch_env(optimize=True)`.
 """
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -29,25 +30,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_TIMEOUT = 600
 
 
+@functools.lru_cache(maxsize=None)
+def compilation_cache_dir() -> str:
+  """One JAX compilation cache directory for this pytest process (each xdist worker has its own),
+  removed at exit."""
+  path = tempfile.mkdtemp(prefix="clamp_jax_test_jax_cache_")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
+@functools.lru_cache(maxsize=None)
 def launch_env(optimize: bool = False):
-  """The environment of launch.py subprocesses: one JAX compilation cache for this pytest process
-  (each pytest-xdist worker has its own), so a program one run compiled is read by the next; XLA's
-  backend optimisations on only with `optimize` (a run over the reference model's 10,000 test
-  images, where O0 doubles the runtime)."""
-  if optimize not in _LAUNCH_ENV:
-    if _CACHE_DIR is None:
-      globals()["_CACHE_DIR"] = tempfile.mkdtemp(prefix="clamp_jax_test_jax_cache_")
-      atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
-    _LAUNCH_ENV[optimize] = dict(os.environ, JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
-                                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    if optimize:
-      _LAUNCH_ENV[optimize]["XLA_FLAGS"] = ORIGINAL_XLA_FLAGS
-  return _LAUNCH_ENV[optimize]
-
-
-_LAUNCH_ENV = {}
-_CACHE_DIR = None
+  """The environment of launch.py subprocesses: the process's compilation cache, so a program one
+  run compiled is read by the next; XLA's backend optimisations on only with `optimize` (a run over
+  the reference model's 10,000 test images, where O0 doubles the runtime)."""
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache_dir(),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  if optimize:
+    env["XLA_FLAGS"] = ORIGINAL_XLA_FLAGS
+  return env
 
 
 def launch(*args, env=None, check=True):

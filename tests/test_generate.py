@@ -24,15 +24,15 @@ NEIGHBOURS_3X3 = {0: [1, 3, 4], 1: [0, 2, 3, 4, 5], 2: [1, 4, 5], 3: [0, 1, 4, 6
                   7: [3, 4, 5, 6, 8], 8: [4, 5, 7]}
 
 
-# XLA's backend optimisation level 0 compiles the model programs ~4x faster on CPU; these tests
-# check behaviour, not speed. Jitting a whole function also beats running it op by op.
+# These tests check behaviour, not speed: they compile at XLA's level 0 like the whole suite
+# (conftest); jitting a whole function also beats running it op by op. 200 generation steps on the
+# reference model are the exception: their runtime matters.
 optimising_jit = functools.partial(jax.jit, compiler_options=OPTIMIZED)
-quick_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-terms_of = quick_jit(gen.contrastive_terms, static_argnums=(2, 3, 4, 5))
-contrast = quick_jit(gen.patch_contrastive_loss, static_argnums=(2, 3, 4, 5))
-blocks_contrast = quick_jit(gen.blocks_contrastive_loss, static_argnums=(2,))
-pse = quick_jit(gen.patch_similarity_entropy)
-tv = quick_jit(gen.total_variation)
+terms_of = jax.jit(gen.contrastive_terms, static_argnums=(2, 3, 4, 5))
+contrast = jax.jit(gen.patch_contrastive_loss, static_argnums=(2, 3, 4, 5))
+blocks_contrast = jax.jit(gen.blocks_contrastive_loss, static_argnums=(2,))
+pse = jax.jit(gen.patch_similarity_entropy)
+tv = jax.jit(gen.total_variation)
 
 
 def info_nce(pos, all_, tau):
@@ -149,7 +149,7 @@ def test_patch_similarity_entropy_on_hand_built_similarities():
   spread = jnp.asarray(np.random.default_rng(2).normal(size=(2, 128, 3)), jnp.float32)
   h_spread = pse(spread)
   assert abs(h_spread - np.log(2)) < 0.2 and h_spread > pse(two)
-  grad = quick_jit(jax.grad(gen.patch_similarity_entropy))(spread)
+  grad = jax.jit(jax.grad(gen.patch_similarity_entropy))(spread)
   assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
 
 
@@ -158,7 +158,7 @@ def test_total_variation_and_cross_entropy():
   stripes = jnp.tile(jnp.array([0.0, 1.0]), 4)[None, None, :, None] * jnp.ones((1, 8, 1, 1))
   np.testing.assert_allclose(tv(stripes), 1.0)  # |dx| = 1 everywhere, dy = 0
   logits = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
-  np.testing.assert_allclose(quick_jit(gen.target_cross_entropy)(logits, jnp.array([0, 2])),
+  np.testing.assert_allclose(jax.jit(gen.target_cross_entropy)(logits, jnp.array([0, 2])),
                              -(np.log(0.5) + np.log(0.8)) / 2, rtol=1e-6)
 
 
@@ -187,7 +187,7 @@ def test_augment_rolls_and_flips_without_changing_values():
   assert gen.roll_pixels(224, 1 / 15) == 15 and gen.roll_pixels(28, 1 / 15) == 2
   assert gen.roll_pixels(8, 1 / 15) == 1 and gen.roll_pixels(8, 0.0) == 0
   images = jnp.arange(2 * 6 * 6 * 1, dtype=jnp.float32).reshape(2, 6, 6, 1)
-  out = quick_jit(gen.augment, static_argnums=(2, 3))(jax.random.PRNGKey(0), images, 2, True)
+  out = jax.jit(gen.augment, static_argnums=(2, 3))(jax.random.PRNGKey(0), images, 2, True)
   assert out.shape == images.shape
   for x, y in zip(np.asarray(images), np.asarray(out)):
     np.testing.assert_array_equal(np.sort(x.ravel()), np.sort(y.ravel()))
@@ -226,21 +226,13 @@ def numpy_random_params(model, model_cfg, seed: int = 0):
       lambda a: jnp.asarray(0.3 * rng.normal(size=a.shape), jnp.float32), abstract)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_compile():
-  """The generator's own `jax.jit`s compile like `quick_jit` while this module runs."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(jax, "jit", quick_jit)
-    yield
-
-
 @pytest.fixture(scope="module")
 def tiny():
   """A 1-block random ViT on 16x16x3 (a 4x4 patch grid) and its w4a4 min-max QuantParams."""
   config = small_config()
   model = build_model(config.model)
   params = numpy_random_params(model, config.model)
-  calibrate_w4a4 = quick_jit(lambda p, x: calibrate(model, p, x, config.quant))
+  calibrate_w4a4 = jax.jit(lambda p, x: calibrate(model, p, x, config.quant))
   qparams = calibrate_w4a4(params, jnp.asarray(random_images(config.model, n=4)))
   return model, params, qparams, calibrate_w4a4
 
