@@ -184,3 +184,31 @@ def test_tfds_missing_package_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
   with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
     next(tfds_source.batches(tfds_config("vit"), "test", 2, 8))
+
+
+def fmnist_data():
+  return ml_collections.ConfigDict(dict(name="fashion_mnist", dir="", mean=0.0, std=1.0,
+                                        preset="", tfds_name=""))
+
+
+def test_a_fashion_mnist_split_slice_takes_those_images():
+  images, labels = clamp_jax.data.load_arrays(fmnist_data(), "test")
+  tail, tail_labels = clamp_jax.data.load_arrays(fmnist_data(), "test[-300:]")
+  middle, _ = clamp_jax.data.load_arrays(fmnist_data(), "test[100:250]")
+  np.testing.assert_array_equal(tail, images[-300:])
+  np.testing.assert_array_equal(tail_labels, labels[-300:])
+  np.testing.assert_array_equal(middle, images[100:250])
+  batches = list(clamp_jax.data.batches(fmnist_data(), "test[9900:]", 64, 28))
+  assert [len(b[0]) for b in batches] == [64, 36]
+  np.testing.assert_array_equal(batches[-1][1], labels[-36:])
+
+
+@pytest.mark.parametrize("split", ["test[", "test[a:b]", "test[1:2:3]"])
+def test_a_malformed_split_slice_is_named(split):
+  with pytest.raises(ValueError, match=r"name\[start:stop\]"):
+    clamp_jax.data.load_arrays(fmnist_data(), split)
+
+
+def test_image_folders_refuse_a_split_slice(image_dir):
+  with pytest.raises(ValueError, match="not a slice"):
+    next(clamp_jax.data.batches(data_config(image_dir), "val[:10]", 2, 16))

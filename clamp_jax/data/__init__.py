@@ -1,5 +1,6 @@
 """Data sources: Fashion-MNIST (idx files), image folders, TFDS; all yield normalised NHWC float32."""
 
+import re
 from typing import Iterator, Tuple
 
 import ml_collections
@@ -11,10 +12,28 @@ from clamp_jax.data.preprocess import normalize
 SOURCES = ("fashion_mnist", "folder", "tfds")
 
 
+_SLICED = re.compile(r"^(\w+)\[(-?\d*):(-?\d*)\]$")
+
+
+def parse_split(split: str) -> Tuple[str, slice]:
+  """`("train", slice(58000, None))` of `"train[58000:]"` (TFDS's slice syntax, image indices,
+  negative from the end); `(split, slice(None))` of a plain name."""
+  match = _SLICED.match(split)
+  if "[" not in split:
+    return split, slice(None)
+  if not match:
+    raise ValueError(f"split {split!r}: a slice is written name[start:stop], e.g. 'train[-2000:]'")
+  name, start, stop = match.groups()
+  return name, slice(int(start) if start else None, int(stop) if stop else None)
+
+
 def load_arrays(data: ml_collections.ConfigDict, split: str) -> Tuple[np.ndarray, np.ndarray]:
-  """A whole split in memory as `(uint8 images [N, H, W, C], int32 labels [N])`."""
+  """A whole split, or a slice of one (`"train[-2000:]"`), in memory as
+  `(uint8 images [N, H, W, C], int32 labels [N])`."""
   if data.name == "fashion_mnist":
-    return fashion_mnist.load(split, data.dir)
+    name, part = parse_split(split)
+    images, labels = fashion_mnist.load(name, data.dir)
+    return images[part], labels[part]
   raise ValueError(f"config.data.name={data.name!r} is streamed, not loaded into memory; "
                    f"use clamp_jax.data.batches (in-memory sources: ['fashion_mnist'])")
 
@@ -26,6 +45,8 @@ def batches(data: ml_collections.ConfigDict, split: str, batch_size: int,
     raise ValueError(f"unknown config.data.name={data.name!r}; known: {SOURCES}")
   if data.name == "folder":
     from clamp_jax.data import folder
+    if "[" in split:
+      raise ValueError(f"split {split!r}: image folders take a folder name, not a slice")
     yield from folder.batches(data, split, batch_size, image_size, limit)
     return
   if data.name == "tfds":
