@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from clamp_jax.models.quantized import quant_config
-from clamp_jax.quant.params import flatten
+from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, flatten
 from clamp_jax.search import BlockEvaluator, EvolQ, population_mesh, search, search_config, with_block
 from clamp_jax.search.fitness import Fitness
 from clamp_jax.search.loop import search_block, strategy_from
@@ -44,6 +44,20 @@ def test_mutation_moves_scales_by_at_most_r_and_keeps_bits_and_zero_points(setup
     np.testing.assert_array_equal(mutated.bits[1:], np.broadcast_to(site.bits, mutated.bits[1:].shape))
     np.testing.assert_array_equal(mutated.zero_point[1:],
                                   np.broadcast_to(site.zero_point, mutated.zero_point[1:].shape))
+
+
+@pytest.mark.parametrize("kind,bits,radius", [(ACTIVATION, 2, 0.3), (ACTIVATION, 3, 0.3),
+                                               (ACTIVATION, 4, 0.05), (WEIGHT, 3, 0.05),
+                                               (WEIGHT, 4, 0.05), (ACTIVATION, 8, 0.01),
+                                               (WEIGHT, 8, 0.01)])
+def test_relative_mutation_radius_follows_the_site_bits_and_kind(kind, bits, radius):
+  site = SiteQuant(scale=jnp.full((64,), 2.0), zero_point=jnp.zeros((64,)), bits=jnp.float32(bits),
+                   kind=kind)
+  strategy = EvolQ(population_size=50, r_low_bits=0.05, r_high_bits=0.01,
+                   r_3_bit_activations=0.3, relative=True)
+  ratio = strategy.initial_population(jax.random.PRNGKey(0), {"s": site})["s"].scale[1:] / 2.0
+  spread = np.abs(np.asarray(ratio) - 1.0).max()
+  assert radius * 0.9 < spread <= radius + 1e-6  # 3,136 draws of U(-r, r) reach near r
 
 
 def test_tell_never_loses_the_best_and_children_replace_the_worst():
@@ -150,7 +164,7 @@ import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
 from conftest import calibrated_tiny
 from clamp_jax.models.quantized import quant_config
-from clamp_jax.quant.params import flatten
+from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, flatten
 from clamp_jax.search import population_mesh, search, search_config
 assert len(jax.devices()) == 8, jax.devices()
 _, model, params, images, qparams = calibrated_tiny(quant_config(w_bits=4, a_bits=4))
@@ -193,7 +207,7 @@ import numpy as np
 sys.path.insert(0, "tests")
 from conftest import calibrated_tiny
 from clamp_jax.models.quantized import quant_config
-from clamp_jax.quant.params import flatten
+from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, flatten
 from clamp_jax.search import population_mesh, search, search_config
 assert len(jax.devices()) == 2 and len(jax.local_devices()) == 1, jax.devices()
 _, model, params, images, qparams = calibrated_tiny(quant_config(w_bits=4, a_bits=4))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clamp_jax.quant.observers import EPS
-from clamp_jax.quant.params import SiteQuant, is_site
+from clamp_jax.quant.params import ACTIVATION, SiteQuant, is_site
 
 
 @struct.dataclass
@@ -53,17 +53,26 @@ def map_sites(fn: Callable[[SiteQuant, jax.Array], SiteQuant], key: jax.Array,
 class EvolQ:
   """Evol-Q's strategy: tournament selection with replacement, scale mutation, replace the worst.
 
-  Mutation: `scale' = |scale + U(-r, r)|` with `r = r_low_bits` for sites of at most
-  `low_bits` bits and `r_high_bits` above (absolute noise, Evol-Q's); with `relative`,
-  `scale' = scale * |1 + U(-r, r)|`. Zero points and bit widths are kept.
+  Mutation: `scale' = |scale + U(-r, r)|` with `r = r_3_bit_activations` for activation sites of
+  at most 3 bits, else `r_low_bits` for sites of at most `low_bits` bits and `r_high_bits` above
+  (absolute noise, Evol-Q's); with `relative`, `scale' = scale * |1 + U(-r, r)|`. Zero points and
+  bit widths are kept.
   """
   population_size: int = 15
   num_children: int = 15
   tournament_size: int = 10
   r_low_bits: float = 1e-3
   r_high_bits: float = 1e-4
+  r_3_bit_activations: float = 1e-3
   low_bits: int = 4
   relative: bool = False
+
+  def radius(self, site: SiteQuant) -> jax.Array:
+    """The mutation radius of `site` (by its bits and kind)."""
+    r = jnp.where(site.bits <= self.low_bits, self.r_low_bits, self.r_high_bits)
+    if site.kind == ACTIVATION:
+      r = jnp.where(site.bits <= 3, self.r_3_bit_activations, r)
+    return r
 
   def mutate(self, key: jax.Array, candidate: dict) -> dict:
     return map_sites(self.mutate_scale, key, candidate)
@@ -71,8 +80,8 @@ class EvolQ:
   def mutate_scale(self, site: SiteQuant, key: jax.Array) -> SiteQuant:
     if not site.has_scale:
       return site
-    r = jnp.where(site.bits <= self.low_bits, self.r_low_bits, self.r_high_bits)
-    noise = jax.random.uniform(key, site.scale.shape, minval=-1.0, maxval=1.0) * r
+    noise = jax.random.uniform(key, site.scale.shape, minval=-1.0, maxval=1.0)
+    noise = noise * self.radius(site)
     scale = site.scale * jnp.abs(1 + noise) if self.relative else jnp.abs(site.scale + noise)
     return site.replace(scale=jnp.maximum(scale, EPS))
 
