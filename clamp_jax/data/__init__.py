@@ -18,9 +18,9 @@ _SLICED = re.compile(r"^(\w+)\[(-?\d*):(-?\d*)\]$")
 def parse_split(split: str) -> Tuple[str, slice]:
   """`("train", slice(58000, None))` of `"train[58000:]"` (TFDS's slice syntax, image indices,
   negative from the end); `(split, slice(None))` of a plain name."""
-  match = _SLICED.match(split)
   if "[" not in split:
     return split, slice(None)
+  match = _SLICED.match(split)
   if not match:
     raise ValueError(f"split {split!r}: a slice is written name[start:stop], e.g. 'train[-2000:]'")
   name, start, stop = match.groups()
