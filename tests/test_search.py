@@ -164,7 +164,7 @@ import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
 from conftest import calibrated_tiny
 from clamp_jax.models.quantized import quant_config
-from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, flatten
+from clamp_jax.quant.params import flatten
 from clamp_jax.search import population_mesh, search, search_config
 assert len(jax.devices()) == 8, jax.devices()
 _, model, params, images, qparams = calibrated_tiny(quant_config(w_bits=4, a_bits=4))
@@ -207,7 +207,7 @@ import numpy as np
 sys.path.insert(0, "tests")
 from conftest import calibrated_tiny
 from clamp_jax.models.quantized import quant_config
-from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, flatten
+from clamp_jax.quant.params import flatten
 from clamp_jax.search import population_mesh, search, search_config
 assert len(jax.devices()) == 2 and len(jax.local_devices()) == 1, jax.devices()
 _, model, params, images, qparams = calibrated_tiny(quant_config(w_bits=4, a_bits=4))
