@@ -48,6 +48,7 @@ MATMUL_INPUT_SITES = ("image", "ln1", "q", "k", "v", "attn_probs", "attn_v", "ln
                       "merge_ln", "head_in", "pre_logits_out")
 NOT_IN_ALL = ("head_in",)  # sites the `all` protocol (the paper's release) does not quantize
 BUDGET_KINDS = ("size", "bops", "both")
+MP_STARTS = ("lowered", "sensitivity")  # config.quant.mp_start
 ACTIVATION_FIELDS = ("scale", "zero_point", "bits")  # what the export keeps of an activation site
 SITES_KEY = "quant_sites.json"  # the export's entry of every site's static description
 
@@ -73,9 +74,12 @@ def quant_config(**overrides) -> ml_collections.ConfigDict:
       # bits by +-1 (probability bit_mutation_prob) within w_bits_min..w_bits_max (weights) or
       # a_bits_min..a_bits_max (activations); every kept candidate meets the budget, a fraction
       # of the uniform W{budget_w_bits}/A{budget_a_bits} model's size (params x w_bits), BOPs
-      # (MACs x w_bits x a_bits) or both.
+      # (MACs x w_bits x a_bits) or both. The search starts from the preset's bits lowered into
+      # the budget (mp_start="lowered") or from bits allocated by each site's measured
+      # sensitivity ("sensitivity", search/allocate.py).
       mixed=False, w_bits_min=2, w_bits_max=8, a_bits_min=4, a_bits_max=8,
       bit_mutation_prob=0.2, budget=1.0, budget_kind="size", budget_w_bits=4, budget_a_bits=8,
+      mp_start="lowered",
   ))
   cfg.update(overrides)
   return cfg
@@ -99,6 +103,7 @@ def validate(qcfg: ml_collections.ConfigDict) -> None:
   _check_choice(qcfg, "sites", PROTOCOLS)
   _check_choice(qcfg, "softmax", SOFTMAX_QUANTIZERS)
   _check_choice(qcfg, "gelu", GELU_QUANTIZERS)
+  _check_choice(qcfg, "mp_start", MP_STARTS)
   for field in ("w_observer", "a_observer"):
     _check_choice(qcfg, field, sorted(OBSERVERS))
   for kind in ("w", "a"):

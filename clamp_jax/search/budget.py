@@ -10,6 +10,7 @@ population placed into the model with `with_block`); the costs then carry it too
 
 import dataclasses
 import re
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -56,29 +57,57 @@ def searched(path: str, site: SiteQuant) -> bool:
   return "/encoderblock_" in path
 
 
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+  """One weight matmul: its kernel site, that site's parameter count, the activation site it
+  reads (None: a float input, counted in size only) and its MACs per image."""
+  kernel: str
+  params: int
+  source: Optional[str]
+  macs: int
+
+
+def matmuls(sites: Dict[str, SiteQuant]) -> List[Matmul]:
+  """The weight matmuls of the flat `sites` (`flatten(qparams)`), as the budget counts them."""
+  out = []
+  for path, site in sites.items():
+    if site.kind != WEIGHT:
+      continue
+    found = matmul_input(path, sites)
+    source, macs = None, 0
+    if found:
+      source, every_token = found
+      # MACs = tokens x in x out, with tokens = input elements / in = input elements x out / numel;
+      # out: the output channels, one scale each (per candidate of a population).
+      out_channels = site.scale.size // np.size(site.bits)
+      macs = (sites[source].numel * out_channels // site.numel if every_token else 1) * site.numel
+    out.append(Matmul(path, site.numel, source, macs))
+  return out
+
+
+def counted(qparams) -> set:
+  """The paths of the sites the budget counts: every weight site and the activations a weight
+  matmul reads (not q, k, v and the softmax probabilities, whose matmuls have no weight)."""
+  terms = matmuls(flatten(qparams))
+  return {m.kernel for m in terms} | {m.source for m in terms if m.source}
+
+
 def costs(qparams, bits=None, searched_only: bool = False) -> np.ndarray:
   """`[..., 2]`: size and BOPs per image; with `bits=(w, a)`, as if every site (with
   `searched_only`, every site mixed precision moves; the others as they are) had those bits."""
   sites = flatten(qparams)
 
-  def bits_of(path, site):
+  def bits_of(path):
+    site = sites[path]
     if bits is not None and (searched(path, site) or not searched_only):
       return float(bits[0] if site.kind == WEIGHT else bits[1])
     return np.asarray(site.bits, np.float64)
 
   size = bops = 0.0
-  for path, site in sites.items():
-    if site.kind != WEIGHT:
-      continue
-    size = size + site.numel * bits_of(path, site)
-    found = matmul_input(path, sites)
-    if found:
-      source, every_token = found
-      # MACs = tokens x in x out, with tokens = input elements / in = input elements x out / numel;
-      # out: the output channels, one scale each (per candidate of a population).
-      out = site.scale.size // np.size(site.bits)
-      tokens = sites[source].numel * out // site.numel if every_token else 1
-      bops = bops + tokens * site.numel * bits_of(path, site) * bits_of(source, sites[source])
+  for m in matmuls(sites):
+    size = size + m.params * bits_of(m.kernel)
+    if m.source:
+      bops = bops + m.macs * bits_of(m.kernel) * bits_of(m.source)
   return np.stack(np.broadcast_arrays(size, bops), axis=-1)
 
 

@@ -94,7 +94,11 @@ def search_layers(model: nn.Module, variables: dict, qparams: dict, images: jax.
   evaluator = LayersEvaluator(model, variables, cfg, mesh, output_fn, **apply_kwargs)
   quant_cfg = (quant_cfg or quant_config()).copy_and_resolve_references()
   quant_cfg.mixed = any(searched(path, site) for path, site in iter_sites(qparams))
-  strategy, budget, qparams = start_strategy(cfg, quant_cfg, qparams)
+  kl_cfg = cfg.copy_and_resolve_references()
+  kl_cfg.output_loss = "kl"  # the sensitivity start's loss, comparable across sites
+  kl_only = LayersEvaluator(model, variables, kl_cfg, mesh, output_fn, **apply_kwargs)
+  strategy, budget, qparams = start_strategy(
+      cfg, quant_cfg, qparams, (kl_only, images, [None], jax.random.PRNGKey(cfg.seed)))
   history: List[dict] = []
   t0 = time.time()
   for p in range(cfg.passes):

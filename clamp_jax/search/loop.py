@@ -5,7 +5,7 @@ scores inf, so it is never kept; the start is first lowered into the budget (`fi
 """
 
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from absl import logging
 import flax.linen as nn
@@ -17,11 +17,14 @@ from jax.sharding import Mesh
 from clamp_jax.models.quantized import validate as validate_quant
 from clamp_jax.search.budget import Budget, report
 from clamp_jax.search.evaluator import BlockEvaluator, block_sites, with_block
-from clamp_jax.search.fitness import BLOCK_LOSSES, OUTPUT_LOSSES
-from clamp_jax.search.mixed import MixedEvolQ, fit_budget
+from clamp_jax.search.fitness import BLOCK_LOSSES, OUTPUT_LOSSES, Fitness
+from clamp_jax.search.allocate import sensitivity_start
+from clamp_jax.search.mixed import MixedEvolQ, fit_budget, pin_uncounted
 from clamp_jax.search.strategy import EvolQ, best, take
 
 
+# What the sensitivity start measures with: (an output-only evaluator, images, blocks, key).
+Sensitivity = Tuple[object, jax.Array, Sequence[Optional[int]], jax.Array]
 Refresh = Callable[[dict, jax.Array], jax.Array]  # (current qparams, key) -> new images
 OnBlock = Callable[[dict, dict, jax.Array], None]  # (history entry, qparams, images)
 
@@ -79,14 +82,23 @@ def strategy_from(cfg: ml_collections.ConfigDict,
 
 
 def start_strategy(cfg: ml_collections.ConfigDict, quant_cfg: Optional[ml_collections.ConfigDict],
-                   qparams: dict) -> Tuple[EvolQ, Optional[Budget], dict]:
+                   qparams: dict, sensitivity: Optional[Sensitivity] = None
+                   ) -> Tuple[EvolQ, Optional[Budget], dict]:
   """`(strategy, budget, qparams)` to start a search from: `EvolQ`, no budget and `qparams`;
-  with `quant_cfg.mixed`, `MixedEvolQ`, `quant_cfg`'s budget and `qparams` lowered into it."""
+  with `quant_cfg.mixed`, `MixedEvolQ`, `quant_cfg`'s budget and `qparams` with the sites the
+  budget does not count pinned at their bits, then lowered into the budget, or, with
+  `quant_cfg.mp_start="sensitivity"` and `sensitivity` (`(output-only evaluator, images,
+  blocks, key)`; None for a resumed search, whose bits are already chosen), allocated by it."""
   strategy = strategy_from(cfg, quant_cfg)
   if not isinstance(strategy, MixedEvolQ):
     return strategy, None, qparams
   validate_quant(quant_cfg)
+  qparams = pin_uncounted(qparams)
   budget = Budget.from_config(qparams, quant_cfg)
+  if quant_cfg.mp_start == "sensitivity" and sensitivity is not None:
+    evaluator, images, blocks, key = sensitivity
+    return strategy, budget, sensitivity_start(evaluator, strategy, qparams, images, blocks,
+                                               budget, key)
   return strategy, budget, fit_budget(qparams, budget, strategy)
 
 
@@ -160,7 +172,11 @@ def search(model: nn.Module, params, qparams: dict, images: jax.Array,
   """
   validate(cfg)
   evaluator = BlockEvaluator(model, params, cfg, mesh)
-  strategy, budget, qparams = start_strategy(cfg, quant_cfg, qparams)
+  sensitivity = None
+  if start == 0 and quant_cfg is not None and quant_cfg.mixed:
+    kl_only = BlockEvaluator(model, params, cfg, mesh, Fitness(output_loss="kl", w_block=0.0))
+    sensitivity = (kl_only, images, range(model.num_layers), jax.random.PRNGKey(cfg.seed))
+  strategy, budget, qparams = start_strategy(cfg, quant_cfg, qparams, sensitivity)
   order = search_order(cfg, model.num_layers)
   history: List[dict] = []
   t0 = time.time()

@@ -6,10 +6,11 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clamp_jax.quant.observers import range_to_grid
 from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, is_site
-from clamp_jax.search.budget import Budget, report, searched
+from clamp_jax.search.budget import Budget, counted, report, searched
 from clamp_jax.search.strategy import EvolQ, map_sites
 
 MAX_BITS = 16
@@ -49,8 +50,27 @@ class MixedEvolQ(EvolQ):
       return site
     u, p = jax.random.uniform(key), self.bit_mutation_prob
     step = jnp.where(u < p / 2, -1.0, jnp.where(u < p, 1.0, 0.0))
-    low, high = site.bit_range or (self.w_bits if site.kind == WEIGHT else self.a_bits)
-    return with_bits(site, jnp.clip(site.bits + step, low, high))
+    return with_bits(site, jnp.clip(site.bits + step, *self.bit_range(site)))
+
+  def bit_range(self, site: SiteQuant) -> Tuple[int, int]:
+    """The bits `site` may take, inclusive: its own `bit_range`, else its kind's."""
+    return site.bit_range or (self.w_bits if site.kind == WEIGHT else self.a_bits)
+
+
+def pin_uncounted(qparams: dict) -> dict:
+  """`qparams` with each uniform site the budget does not count (q, k, v: their matmuls have no
+  weight) fixed at its bits (`bit_range` of one width), so that mixed precision does not raise
+  them for free."""
+  keep = counted(qparams)
+
+  def pin(keys, site):
+    path = "/".join(str(k.key) for k in keys)
+    if path in keep or not site.uniform:
+      return site
+    bits = int(np.asarray(site.bits))
+    return site.replace(bit_range=(bits, bits))
+
+  return jax.tree_util.tree_map_with_path(pin, qparams, is_leaf=is_site)
 
 
 def lowered(qparams: dict, kind: str, floor: int, steps: int = 1) -> dict:

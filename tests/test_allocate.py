@@ -1,0 +1,119 @@
+"""Mixed precision's sensitivity start: the per-site loss table, the greedy allocation under the
+budget, and the sites the budget does not count (pinned at their bits)."""
+
+import jax
+import numpy as np
+import pytest
+
+from clamp_jax.models.quantized import apply_quantized
+from clamp_jax.quant.params import WEIGHT, flatten, unflatten
+from clamp_jax.search import Budget, MixedEvolQ, search, search_config
+from clamp_jax.search.allocate import allocate, sensitivity_table
+from clamp_jax.search.budget import counted, report
+from clamp_jax.search.evaluator import BlockEvaluator
+from clamp_jax.search.fitness import Fitness, kl
+from clamp_jax.search.mixed import BudgetError, pin_uncounted, with_bits
+from conftest import calibrated_tiny
+from test_mixed import SMALL, mixed_config
+
+BLOCK0 = "Transformer/encoderblock_0/"
+ATTENTION = BLOCK0 + "MultiHeadDotProductAttention_0/"
+MLP = BLOCK0 + "MlpBlock_0/"
+
+
+@pytest.fixture(scope="module")
+def setup():
+  return calibrated_tiny(mixed_config(w_bits=4, a_bits=4))
+
+
+def test_the_budget_counts_weights_and_the_inputs_of_weight_matmuls_only(setup):
+  *_, qparams = setup
+  paths = counted(qparams)
+  assert {BLOCK0 + "ln1", BLOCK0 + "ln2", ATTENTION + "attn_v", MLP + "gelu",
+          ATTENTION + "query/kernel", "head/kernel"} <= paths
+  assert not {ATTENTION + "q", ATTENTION + "k", ATTENTION + "v"} & paths
+  pinned = flatten(pin_uncounted(qparams))
+  assert pinned[ATTENTION + "q"].bit_range == (4, 4)
+  assert pinned[BLOCK0 + "ln1"].bit_range is None
+
+
+def test_mixed_precision_leaves_the_uncounted_sites_at_their_bits(setup):
+  _, model, params, images, qparams = setup
+  result, _ = search(model, params, qparams, images, search_config(**SMALL),
+                     quant_cfg=mixed_config(w_bits=4, a_bits=4, bit_mutation_prob=1.0,
+                                            budget_w_bits=4, budget_a_bits=4,
+                                            budget_kind="both", a_bits_min=3))
+  sites = flatten(result)
+  for block in (0, 1):
+    for name in ("q", "k", "v"):
+      site = sites[f"Transformer/encoderblock_{block}/MultiHeadDotProductAttention_0/{name}"]
+      assert float(site.bits) == 4.0
+  moved = [p for p in counted(result) if "encoderblock" in p and float(sites[p].bits) != 4.0]
+  assert moved  # with every mutation moving bits, the counted sites did move
+
+
+def test_the_table_holds_each_site_alone_at_each_of_its_bits(setup):
+  _, model, params, images, qparams = setup
+  strategy = MixedEvolQ(w_bits=(3, 5), a_bits=(4, 6))
+  evaluator = BlockEvaluator(model, params, search_config(), fitness=Fitness(
+      output_loss="kl", w_block=0.0))
+  qparams = pin_uncounted(qparams)
+  table = sensitivity_table(evaluator, strategy, qparams, images, [0, 1],
+                            jax.random.PRNGKey(0))
+  assert set(table) == {p for p in counted(qparams) if "encoderblock" in p}
+  fp_logits = model.apply({"params": params}, images)
+  sites = flatten(qparams)
+  for path in (MLP + "Dense_1/kernel", BLOCK0 + "ln2"):
+    site = sites[path]
+    low, high = strategy.bit_range(site)
+    assert sorted(table[path]) == list(range(low, high + 1))
+    for bits in (low, 4):
+      changed = unflatten(dict(sites, **{path: with_bits(site, bits)}))
+      expected = kl(apply_quantized(model, params, changed, images), fp_logits)
+      np.testing.assert_allclose(table[path][bits], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_allocation_buys_the_largest_loss_reduction_per_cost_within_the_budget(setup):
+  *_, qparams = setup
+  budget = Budget.of(qparams, 1.0, "both", bits=(4, 4))
+  weights = [p for p, s in flatten(qparams).items()
+             if s.kind == WEIGHT and "encoderblock" in p]
+  sensitive, rest = weights[0], weights[1:]
+  table = {p: {2: 1.0, 3: 0.5, 4: 0.4} for p in rest}
+  table[sensitive] = {2: 9.0, 3: 5.0, 4: 2.0, 5: 1.0, 6: 0.0}
+  bits = allocate(table, qparams, budget)
+  assert bits[sensitive] == 6  # the one site whose bits buy the most
+  assert max(bits[p] for p in rest) <= 4 and min(bits[p] for p in rest) >= 3
+  chosen = unflatten({p: with_bits(s, bits[p]) if p in bits else s
+                      for p, s in flatten(qparams).items()})
+  assert budget.allows(chosen)
+  # a site whose raise buys nothing keeps its lowest bits, whatever the budget left
+  flat = {p: {2: 1.0, 3: 1.0, 4: 1.0} for p in weights}
+  assert set(allocate(flat, qparams, budget).values()) == {2}
+
+
+def test_a_budget_below_the_lowest_bits_is_named(setup):
+  *_, qparams = setup
+  budget = Budget.of(qparams, 0.1, "size", bits=(4, 4))
+  table = {p: {2: 1.0, 4: 0.0} for p, s in flatten(qparams).items()
+           if s.kind == WEIGHT and "encoderblock" in p}
+  with pytest.raises(BudgetError, match="config.quant.budget=0.1"):
+    allocate(table, qparams, budget)
+
+
+def test_the_sensitivity_start_meets_the_budget_and_is_deterministic(setup):
+  _, model, params, images, qparams = setup
+  quant_cfg = mixed_config(w_bits=4, a_bits=4, budget_w_bits=4, budget_a_bits=4,
+                           budget_kind="both", mp_start="sensitivity")
+  runs = [search(model, params, qparams, images, search_config(**SMALL), quant_cfg=quant_cfg)
+          for _ in range(2)]
+  budget = Budget.of(qparams, 1.0, "both", bits=(4, 4))
+  assert budget.allows(runs[0][0])
+  uniform = report(qparams)  # the budget's: the same sites at W4/A4
+  for h in runs[0][1]:
+    assert h["bops_vs_w4a8"] <= uniform["bops_vs_w4a8"] + 1e-9
+    assert h["size_vs_w4a8"] <= uniform["size_vs_w4a8"] + 1e-9
+    assert h["fitness_after"] <= h["fitness_before"]
+  for (path, a), b in zip(flatten(runs[0][0]).items(), flatten(runs[1][0]).values()):
+    np.testing.assert_array_equal(a.bits, b.bits, err_msg=path)
+    np.testing.assert_array_equal(a.scale, b.scale, err_msg=path)
