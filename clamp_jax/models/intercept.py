@@ -228,7 +228,7 @@ def _intercepting(on_layer: Callable, on_matmul: Callable):
 def _site(x: jax.Array, rule: Rule, kind: str, quantizer: str = UNIFORM,
           weight_axes: tuple = (0,)) -> Optional[SiteQuant]:
   """`x`'s site at `rule`'s bits for `kind` (None where they are 0 or the quantizer "float"),
-  calibrated as our ViT's are (min-max, the observed range kept; log grids for softmax), with
+  calibrated as our ViT's are (min-max; log grids for softmax), with
   the rule's bit range (its fixed bits without one). A kernel reduces over `weight_axes`."""
   weight = kind == WEIGHT
   bits, bit_range = (rule.w_bits, rule.w_range) if weight else (rule.a_bits, rule.a_range)
@@ -245,7 +245,7 @@ def calibrate_layers(model: nn.Module, variables: dict, rules: Sequence[Rule], *
                      **kwargs) -> Tuple[dict, Report]:
   """Min-max `{layer_path: {"input": SiteQuant, "kernel": SiteQuant}}` and
   `{matmul_path: {"lhs": SiteQuant, "rhs": SiteQuant}}` from one float forward; each site keeps
-  its observed range and its rule's bit range (mixed precision)."""
+  its rule's bit range (mixed precision)."""
   sites, report = {}, Report({}, [], [])
 
   def on_layer(next_fun, module, call_args, call_kwargs):

@@ -172,12 +172,6 @@ def observe(model: nn.Module, variables: dict, images: jax.Array) -> Dict[str, j
   return {path: values[0] for path, values in flat.items()}
 
 
-def grid_range(scale, zero_point, bits, signed: bool):
-  """`(lo, hi)`: the values a uniform grid covers."""
-  qmin, qmax = int_range(bits, signed)
-  return (qmin - zero_point) * scale, (qmax - zero_point) * scale
-
-
 def site_params(x: jax.Array, rule: dict, batch: int, qcfg: ml_collections.ConfigDict,
                 grid: Optional[tuple] = None, weight_axes: tuple = (0,)) -> SiteQuant:
   """Calibrates one site on its observed value `x`; `grid` `(scale, zero_point)` is used as it
@@ -195,14 +189,12 @@ def site_params(x: jax.Array, rule: dict, batch: int, qcfg: ml_collections.Confi
     return SiteQuant(twin_uniform_scale(x, bits), jnp.zeros(()), bits, **static)
   if grid is not None:
     scale, zero_point = (jnp.asarray(v, jnp.float32) for v in grid)
-    lo, hi = grid_range(scale, zero_point, bits, rule["signed"])
-    return SiteQuant(scale, zero_point, bits, **static, lo=lo, hi=hi)
+    return SiteQuant(scale, zero_point, bits, **static)
   if rule["ptf"]:
     return SiteQuant(*observers.ptf(x, bits, qcfg.ptf_factors), bits, **static)
   reduce_axes = weight_axes if rule["kind"] == WEIGHT else None  # weights: per output channel
   scale, zero_point = OBSERVERS[rule["observer"]](x, bits, rule["signed"], reduce_axes)
-  lo, hi = observers.minmax_range(x, reduce_axes)
-  return SiteQuant(scale, zero_point, bits, **static, lo=lo, hi=hi)
+  return SiteQuant(scale, zero_point, bits, **static)
 
 
 def calibrate(model: nn.Module, params, images: jax.Array, qcfg: ml_collections.ConfigDict,

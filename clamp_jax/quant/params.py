@@ -2,7 +2,7 @@
 
 A `QuantParams` is a nested dict laid out like a Flax variable collection (module path ->
 site name -> `SiteQuant`), passed to a model as its `"quant"` collection. Arrays
-(`scale`, `zero_point`, `bits`, the observed range `lo`, `hi`) are pytree leaves, so `jit`
+(`scale`, `zero_point`, `bits`) are pytree leaves, so `jit`
 compiles one program for any values and `vmap` runs a population of them; the static
 description (kind, signedness, quantizer, element count) is pytree metadata, kept apart from the
 arrays.
@@ -30,7 +30,7 @@ WEIGHT, ACTIVATION = "weight", "activation"
 # (`scale` is the step of the non-negative side).
 UNIFORM, LOG2, LOG_SQRT2, TWIN = "uniform", "log2", "log_sqrt2", "twin"
 QUANTIZERS = (UNIFORM, LOG2, LOG_SQRT2, TWIN)
-ARRAYS = ("scale", "zero_point", "bits", "lo", "hi")  # a `SiteQuant`'s array fields
+ARRAYS = ("scale", "zero_point", "bits")  # a `SiteQuant`'s array fields
 
 
 @struct.dataclass
@@ -43,10 +43,6 @@ class SiteQuant:
   signed: bool = struct.field(pytree_node=False, default=False)
   quantizer: str = struct.field(pytree_node=False, default=UNIFORM)
   numel: int = struct.field(pytree_node=False, default=0)  # params, or activations per image
-  # The observed range [lo, hi] (shaped like `scale`), kept to reset the grid by min-max at other
-  # bit widths (mixed precision); None where unknown (non-uniform sites, sites built elsewhere).
-  lo: Optional[jax.Array] = None
-  hi: Optional[jax.Array] = None
   # The bits mixed precision may give the site, `(low, high)` inclusive; None: the strategy's range
   # for the site's kind (a block site of our models). A foreign model's sites carry their rule's
   # (`models.intercept.Rule`). Not saved by `split`: only the search reads it.
@@ -113,17 +109,18 @@ def static_description(site: SiteQuant) -> dict:
 
 
 def split(qparams) -> Tuple[dict, dict]:
-  """`(arrays, static)` by site path: its arrays (NumPy; fields that are None left out) and its
-  static description, e.g. for a checkpoint of arrays beside a JSON file."""
+  """`(arrays, static)` by site path: its arrays (NumPy) and its static description, e.g. for a
+  checkpoint of arrays beside a JSON file."""
   sites = flatten(qparams)
-  arrays = {path: {field: np.asarray(getattr(s, field)) for field in ARRAYS
-                   if getattr(s, field) is not None} for path, s in sites.items()}
+  arrays = {path: {field: np.asarray(getattr(s, field)) for field in ARRAYS}
+            for path, s in sites.items()}
   return arrays, {path: static_description(s) for path, s in sites.items()}
 
 
 def join(arrays: dict, static: dict) -> dict:
-  """The `QuantParams` that `split` took apart."""
-  return unflatten({path: SiteQuant(**{f: jnp.asarray(a) for f, a in arrays[path].items()},
+  """The `QuantParams` that `split` took apart (other arrays, e.g. the observed ranges that
+  checkpoints before 2026-11-27 hold, are ignored)."""
+  return unflatten({path: SiteQuant(**{f: jnp.asarray(arrays[path][f]) for f in ARRAYS},
                                     **meta) for path, meta in static.items()})
 
 

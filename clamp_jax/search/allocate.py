@@ -108,7 +108,7 @@ def allocate(table: Table, qparams: dict, budget: Budget) -> Dict[str, int]:
 def sensitivity_start(evaluator, strategy: MixedEvolQ, qparams: dict, images,
                       blocks: Sequence[Optional[int]], budget: Budget, key: jax.Array) -> dict:
   """`qparams` with the bits of `allocate` on the `sensitivity_table` (scale and zero point
-  reset by min-max where the bits changed)."""
+  rescaled to the new bits where they changed, `with_bits`)."""
   table = sensitivity_table(evaluator, strategy, qparams, images, blocks, key)
   chosen = allocate(table, qparams, budget)
   sites = flatten(qparams)

@@ -1,5 +1,5 @@
-"""Mixed precision: a bit-width gene per site, mutated by +-1, the site's grid reset by min-max
-from its observed range when its bits change; and the start lowered into the budget."""
+"""Mixed precision: a bit-width gene per site, mutated by +-1, the site's grid rescaled to the
+new bits over the range it covers when its bits change; and the start lowered into the budget."""
 
 import dataclasses
 from typing import Tuple
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clamp_jax.quant.observers import range_to_grid
+from clamp_jax.quant.uniform import int_range
 from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, is_site
 from clamp_jax.search.budget import Budget, counted, report, searched
 from clamp_jax.search.strategy import EvolQ, map_sites
@@ -21,12 +22,15 @@ class BudgetError(ValueError):
 
 
 def with_bits(site: SiteQuant, bits) -> SiteQuant:
-  """`site` at `bits`; where they changed, scale and zero point are min-max's for the new bits."""
-  if site.lo is None:
-    raise ValueError("mixed precision needs each searched site's observed range (lo, hi), "
-                     "which `calibrate` records")
+  """`site` at `bits`; where they changed, the grid at the new bits covers the range its grid
+  covers now (the clipping the observer or the search chose is kept)."""
   bits = jnp.asarray(bits, jnp.float32)
-  scale, zero_point = range_to_grid(site.lo, site.hi, bits, site.signed)
+  _, qmax = int_range(site.bits, site.signed)
+  if site.signed:
+    lo, hi = -qmax * site.scale, qmax * site.scale
+  else:
+    lo, hi = -site.zero_point * site.scale, (qmax - site.zero_point) * site.scale
+  scale, zero_point = range_to_grid(lo, hi, bits, site.signed)
   changed = bits != site.bits
   return site.replace(bits=bits, scale=jnp.where(changed, scale, site.scale),
                       zero_point=jnp.where(changed, zero_point, site.zero_point))
