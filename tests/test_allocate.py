@@ -8,7 +8,7 @@ import pytest
 from clamp_jax.models.quantized import apply_quantized
 from clamp_jax.quant.params import WEIGHT, flatten, unflatten
 from clamp_jax.search import Budget, MixedEvolQ, search, search_config
-from clamp_jax.search.allocate import allocate, sensitivity_table
+from clamp_jax.search.allocate import allocate, sensitivity_start, sensitivity_table
 from clamp_jax.search.budget import counted, report
 from clamp_jax.search.evaluator import BlockEvaluator
 from clamp_jax.search.fitness import Fitness, kl
@@ -37,12 +37,19 @@ def test_the_budget_counts_weights_and_the_inputs_of_weight_matmuls_only(setup):
   assert pinned[BLOCK0 + "ln1"].bit_range is None
 
 
-def test_mixed_precision_leaves_the_uncounted_sites_at_their_bits(setup):
+def test_a_sensitivity_started_search_meets_the_budget_and_leaves_uncounted_sites(setup):
   _, model, params, images, qparams = setup
-  result, _ = search(model, params, qparams, images, search_config(**SMALL),
-                     quant_cfg=mixed_config(w_bits=4, a_bits=4, bit_mutation_prob=1.0,
-                                            budget_w_bits=4, budget_a_bits=4,
-                                            budget_kind="both", a_bits_min=3))
+  result, history = search(model, params, qparams, images, search_config(**SMALL),
+                           quant_cfg=mixed_config(w_bits=4, a_bits=4, bit_mutation_prob=1.0,
+                                                  budget_w_bits=4, budget_a_bits=4,
+                                                  budget_kind="both", a_bits_min=3,
+                                                  mp_start="sensitivity"))
+  assert Budget.of(qparams, 1.0, "both", bits=(4, 4)).allows(result)
+  uniform = report(qparams)  # the budget's: the same sites at W4/A4
+  for h in history:
+    assert h["bops_vs_w4a8"] <= uniform["bops_vs_w4a8"] + 1e-9
+    assert h["size_vs_w4a8"] <= uniform["size_vs_w4a8"] + 1e-9
+    assert h["fitness_after"] <= h["fitness_before"]
   sites = flatten(result)
   for block in (0, 1):
     for name in ("q", "k", "v"):
@@ -101,19 +108,18 @@ def test_a_budget_below_the_lowest_bits_is_named(setup):
     allocate(table, qparams, budget)
 
 
-def test_the_sensitivity_start_meets_the_budget_and_is_deterministic(setup):
+def test_the_sensitivity_start_is_within_the_budget_and_deterministic(setup):
   _, model, params, images, qparams = setup
-  quant_cfg = mixed_config(w_bits=4, a_bits=4, budget_w_bits=4, budget_a_bits=4,
-                           budget_kind="both", mp_start="sensitivity")
-  runs = [search(model, params, qparams, images, search_config(**SMALL), quant_cfg=quant_cfg)
-          for _ in range(2)]
+  strategy = MixedEvolQ(w_bits=(2, 8), a_bits=(4, 8))
+  evaluator = BlockEvaluator(model, params, search_config(), fitness=Fitness(
+      output_loss="kl", w_block=0.0))
+  qparams = pin_uncounted(qparams)
   budget = Budget.of(qparams, 1.0, "both", bits=(4, 4))
-  assert budget.allows(runs[0][0])
-  uniform = report(qparams)  # the budget's: the same sites at W4/A4
-  for h in runs[0][1]:
-    assert h["bops_vs_w4a8"] <= uniform["bops_vs_w4a8"] + 1e-9
-    assert h["size_vs_w4a8"] <= uniform["size_vs_w4a8"] + 1e-9
-    assert h["fitness_after"] <= h["fitness_before"]
-  for (path, a), b in zip(flatten(runs[0][0]).items(), flatten(runs[1][0]).values()):
+  starts = [sensitivity_start(evaluator, strategy, qparams, images, [0, 1], budget,
+                              jax.random.PRNGKey(0)) for _ in range(2)]
+  assert budget.allows(starts[0])
+  assert any(float(a.bits) != float(b.bits) for a, b in zip(flatten(starts[0]).values(),
+                                                            flatten(qparams).values()))
+  for (path, a), b in zip(flatten(starts[0]).items(), flatten(starts[1]).values()):
     np.testing.assert_array_equal(a.bits, b.bits, err_msg=path)
     np.testing.assert_array_equal(a.scale, b.scale, err_msg=path)
