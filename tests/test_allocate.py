@@ -26,6 +26,14 @@ def setup():
   return calibrated_tiny(mixed_config(w_bits=4, a_bits=4))
 
 
+@pytest.fixture(scope="module")
+def kl_only(setup):
+  """The output-only KL evaluator the search's sensitivity start uses."""
+  _, model, params, *_ = setup
+  return BlockEvaluator(model, params, search_config(), fitness=Fitness(output_loss="kl",
+                                                                        w_block=0.0))
+
+
 def test_the_budget_counts_weights_and_the_inputs_of_weight_matmuls_only(setup):
   *_, qparams = setup
   paths = counted(qparams)
@@ -59,13 +67,11 @@ def test_a_sensitivity_started_search_meets_the_budget_and_leaves_uncounted_site
   assert moved  # with every mutation moving bits, the counted sites did move
 
 
-def test_the_table_holds_each_site_alone_at_each_of_its_bits(setup):
+def test_the_table_holds_each_site_alone_at_each_of_its_bits(setup, kl_only):
   _, model, params, images, qparams = setup
   strategy = MixedEvolQ(w_bits=(3, 5), a_bits=(4, 6))
-  evaluator = BlockEvaluator(model, params, search_config(), fitness=Fitness(
-      output_loss="kl", w_block=0.0))
   qparams = pin_uncounted(qparams)
-  table = sensitivity_table(evaluator, strategy, qparams, images, [0, 1],
+  table = sensitivity_table(kl_only, strategy, qparams, images, [0, 1],
                             jax.random.PRNGKey(0))
   assert set(table) == {p for p in counted(qparams) if "encoderblock" in p}
   fp_logits = model.apply({"params": params}, images)
@@ -108,14 +114,12 @@ def test_a_budget_below_the_lowest_bits_is_named(setup):
     allocate(table, qparams, budget)
 
 
-def test_the_sensitivity_start_is_within_the_budget_and_deterministic(setup):
+def test_the_sensitivity_start_is_within_the_budget_and_deterministic(setup, kl_only):
   _, model, params, images, qparams = setup
   strategy = MixedEvolQ(w_bits=(2, 8), a_bits=(4, 8))
-  evaluator = BlockEvaluator(model, params, search_config(), fitness=Fitness(
-      output_loss="kl", w_block=0.0))
   qparams = pin_uncounted(qparams)
   budget = Budget.of(qparams, 1.0, "both", bits=(4, 4))
-  starts = [sensitivity_start(evaluator, strategy, qparams, images, [0, 1], budget,
+  starts = [sensitivity_start(kl_only, strategy, qparams, images, [0, 1], budget,
                               jax.random.PRNGKey(0)) for _ in range(2)]
   assert budget.allows(starts[0])
   assert any(float(a.bits) != float(b.bits) for a, b in zip(flatten(starts[0]).values(),

@@ -10,7 +10,7 @@ arrays.
 
 import json
 import os
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import flax
 from flax import struct
@@ -81,6 +81,11 @@ def flatten(qparams) -> Dict[str, SiteQuant]:
 
 def unflatten(sites: Dict[str, SiteQuant]) -> dict:
   return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in sites.items()})
+
+
+def replace_sites(qparams, fn: Callable[[str, SiteQuant], SiteQuant]) -> dict:
+  """`qparams` with each site replaced by `fn(path, site)`."""
+  return unflatten({path: fn(path, site) for path, site in flatten(qparams).items()})
 
 
 def iter_sites(qparams, kind: str = "") -> Iterator[Tuple[str, SiteQuant]]:

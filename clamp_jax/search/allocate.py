@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from clamp_jax.models.protocol import ENCODER, block_name
-from clamp_jax.quant.params import flatten, unflatten
+from clamp_jax.quant.params import flatten, replace_sites, unflatten
 from clamp_jax.search.budget import KINDS, Budget, matmuls, searched
 from clamp_jax.search.evaluator import block_sites
 from clamp_jax.search.mixed import BudgetError, MixedEvolQ, with_bits
@@ -68,20 +68,13 @@ def allocate(table: Table, qparams: dict, budget: Budget) -> Dict[str, int]:
   counted_kinds = KINDS[budget.kind]
   limit = budget.limit * budget.reference
 
-  def cost(matmul, kernel_bits, source_bits):
-    size = matmul.params * kernel_bits
-    return np.array([size, matmul.macs * kernel_bits * source_bits if matmul.source else 0.0])
+  def change(path, new_bits):  # costs with `path` at `new_bits` minus the costs now
+    def after(site):
+      return new_bits if site == path else bits[site]
+    return sum((np.subtract(m.cost(after), m.cost(bits.__getitem__)) for m in involved[path]),
+               np.zeros(2))
 
-  def change(path, new_bits):  # cost of `path` at `new_bits` minus its cost now
-    total = np.zeros(2)
-    for m in involved[path]:
-      now = cost(m, bits[m.kernel], bits[m.source] if m.source else 0.0)
-      after = dict(bits, **{path: new_bits})
-      total += cost(m, after[m.kernel], after[m.source] if m.source else 0.0) - now
-    return total
-
-  current = sum((cost(m, bits[m.kernel], bits[m.source] if m.source else 0.0) for m in terms),
-                np.zeros(2))
+  current = sum((np.array(m.cost(bits.__getitem__)) for m in terms), np.zeros(2))
   if np.any(current[counted_kinds] > limit[counted_kinds]):
     raise BudgetError(f"config.quant.budget={budget.limit} ({budget.kind}) is out of reach "
                       "with every searched site at its lowest bits")
@@ -111,6 +104,5 @@ def sensitivity_start(evaluator, strategy: MixedEvolQ, qparams: dict, images,
   rescaled to the new bits where they changed, `with_bits`)."""
   table = sensitivity_table(evaluator, strategy, qparams, images, blocks, key)
   chosen = allocate(table, qparams, budget)
-  sites = flatten(qparams)
-  return unflatten({path: with_bits(site, chosen[path]) if path in chosen else site
-                    for path, site in sites.items()})
+  return replace_sites(qparams, lambda path, site: with_bits(site, chosen[path])
+                       if path in chosen else site)

@@ -10,7 +10,7 @@ population placed into the model with `with_block`); the costs then carry it too
 
 import dataclasses
 import re
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -66,6 +66,11 @@ class Matmul:
   source: Optional[str]
   macs: int
 
+  def cost(self, bits_of: Callable[[str], Any]) -> Tuple[Any, Any]:
+    """`(size, BOPs)` with each site at `bits_of(path)` (a float input: no BOPs)."""
+    w_bits = bits_of(self.kernel)
+    return self.params * w_bits, self.macs * w_bits * bits_of(self.source) if self.source else 0.0
+
 
 def matmuls(sites: Dict[str, SiteQuant]) -> List[Matmul]:
   """The weight matmuls of the flat `sites` (`flatten(qparams)`), as the budget counts them."""
@@ -105,9 +110,8 @@ def costs(qparams, bits=None, searched_only: bool = False) -> np.ndarray:
 
   size = bops = 0.0
   for m in matmuls(sites):
-    size = size + m.params * bits_of(m.kernel)
-    if m.source:
-      bops = bops + m.macs * bits_of(m.kernel) * bits_of(m.source)
+    m_size, m_bops = m.cost(bits_of)
+    size, bops = size + m_size, bops + m_bops
   return np.stack(np.broadcast_arrays(size, bops), axis=-1)
 
 

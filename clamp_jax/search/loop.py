@@ -15,10 +15,10 @@ import ml_collections
 from jax.sharding import Mesh
 
 from clamp_jax.models.quantized import validate as validate_quant
+from clamp_jax.search.allocate import sensitivity_start
 from clamp_jax.search.budget import Budget, report
 from clamp_jax.search.evaluator import BlockEvaluator, block_sites, with_block
 from clamp_jax.search.fitness import BLOCK_LOSSES, OUTPUT_LOSSES, Fitness
-from clamp_jax.search.allocate import sensitivity_start
 from clamp_jax.search.mixed import MixedEvolQ, fit_budget, pin_uncounted
 from clamp_jax.search.strategy import EvolQ, best, take
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clamp_jax.quant.observers import range_to_grid
+from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, replace_sites
 from clamp_jax.quant.uniform import int_range
-from clamp_jax.quant.params import ACTIVATION, WEIGHT, SiteQuant, is_site
 from clamp_jax.search.budget import Budget, counted, report, searched
 from clamp_jax.search.strategy import EvolQ, map_sites
 
@@ -67,27 +67,25 @@ def pin_uncounted(qparams: dict) -> dict:
   them for free."""
   keep = counted(qparams)
 
-  def pin(keys, site):
-    path = "/".join(str(k.key) for k in keys)
+  def pin(path, site):
     if path in keep or not site.uniform:
       return site
     bits = int(np.asarray(site.bits))
     return site.replace(bit_range=(bits, bits))
 
-  return jax.tree_util.tree_map_with_path(pin, qparams, is_leaf=is_site)
+  return replace_sites(qparams, pin)
 
 
 def lowered(qparams: dict, kind: str, floor: int, steps: int = 1) -> dict:
   """Every searched uniform site of `kind` `steps` bits lower, not below `floor` (the low end of
   the site's own `bit_range` where it has one)."""
-  def lower(keys, site):
-    path = "/".join(str(k.key) for k in keys)
+  def lower(path, site):
     if site.kind != kind or not site.uniform or not searched(path, site):
       return site
     return with_bits(site, jnp.maximum(site.bits - steps,
                                        site.bit_range[0] if site.bit_range else floor))
 
-  return jax.tree_util.tree_map_with_path(lower, qparams, is_leaf=is_site)
+  return replace_sites(qparams, lower)
 
 
 def fit_budget(qparams: dict, budget: Budget, strategy: MixedEvolQ) -> dict:
