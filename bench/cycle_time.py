@@ -1,7 +1,9 @@
 """Time to a quantized model: the whole CLAMP cycle, split into its parts (issue 12).
 
   python bench/cycle_time.py [--models=deit_s,deit_t,deit_b,vit_b,swin_t,swin_s]
-      [--populations=15,64,256] [--images=32,128] [--bits=w4a8] [--eval_images=16] [--quick]
+      [--populations=15,64,256] [--images=32,128] [--passes=P]
+      [--variants=model.compute_dtype=bfloat16,search.precompile=False]
+      [--evaluator_populations=15,64,256] [--bits=w4a8] [--eval_images=16] [--quick]
 
 Each model is a config of `configs/` (`NAME[:ARG]`, e.g. `deit_s`, `fmnist_vit:tiny`) and runs
 with that config's schedule (the ImageNet configs hold the paper's: 500 generation steps,
@@ -9,10 +11,16 @@ P = 10 passes, C = 6 generations, K = 15, 50-step refreshes every C/2 generation
 weights random (every kernel and embedding N(0, 0.02^2), as timm initialises), through the
 pipeline's own `start`, `run_search` and `finish`. Evaluation reads `--eval_images` random
 images (an image folder written for the run; the Fashion-MNIST configs read their test split).
-`--populations` sets K (population and children), `--images` the calibration images; the first
-model runs at every K and image count, the others at the first of each, each row in its own
-process (so its peak memory and compilations are its own). `--quick`: `fmnist_vit:tiny` with
-the `tiny` config's schedule (refreshing every C/2 = 1 generation), a couple of minutes on a CPU.
+`--populations` sets K (population and children), `--images` the calibration images,
+`--passes` P (0: the config's; fewer passes repeat less of the same per-pass work),
+`--variants` one config override `FIELD=VALUE` per extra row (`model.compute_dtype=bfloat16`:
+the matmuls' operands; `search.precompile=False`: each block's evaluator program compiled when
+the search reaches it). The first model runs at every K, image count and variant, the others
+at the first K and image count, each row in its own process (so its peak memory and
+compilations are its own). After every block a row logs its split so far (a `split` JSON
+line), so a row stopped early still tells where its time went. `--quick`: `fmnist_vit:tiny`
+with the `tiny` config's schedule (refreshing every C/2 = 1 generation), a couple of minutes
+on a CPU.
 
 Per row: wall time of the parts ("generation": the first, "calibration": the LayerNorm
 reparameterization and min-max, "refresh", "search": the rest of the block-wise search,
@@ -23,17 +31,22 @@ of the part it happened in; "other": the rest), so the parts sum to the total. P
 the device's `peak_bytes_in_use` where `memory_stats()` has it, else the process's max RSS.
 Candidates/s: candidates scored in the search over the "search" seconds. The evaluator's
 FLOP/s: XLA's cost analysis of its program (the middle block, K candidates, one device) over its
-best-of-3 time, against a square matmul of the params' dtype timed in the same process. The
-rounding reconstruction (on at <= 4-bit weights and >= 4-bit activations) is not part of the timed cycle.
+best-of-3 time, against a square matmul of the compute dtype timed in the same process;
+`--evaluator_populations` also measures it at those K (same block, images and QuantParams): how
+far more candidates per program fill the device. The rounding reconstruction (on at <= 4-bit
+weights and >= 4-bit activations) is not part of the timed cycle.
 """
 
+import ast
 import collections
 import contextlib
+import functools
 import importlib
 import json
 import logging
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +73,9 @@ flags.DEFINE_list("models", ["deit_s", "deit_t", "deit_b", "vit_b", "swin_t", "s
                   "configs of configs/, NAME[:ARG]; the first one also runs every K and image count")
 flags.DEFINE_list("populations", ["15"], "population sizes K (population = children)")
 flags.DEFINE_list("images", ["32"], "calibration image counts")
+flags.DEFINE_list("variants", [], "FIELD=VALUE config overrides, one extra row each")
+flags.DEFINE_integer("passes", 0, "search passes P (0: the config's)")
+flags.DEFINE_list("evaluator_populations", [], "also measure the evaluator's FLOP/s at these K")
 flags.DEFINE_string("bits", "", "a bit preset (configs/common.py) added to every config's argument")
 flags.DEFINE_integer("eval_images", 16, "random images the evaluations read")
 flags.DEFINE_bool("quick", False, "fmnist_vit:tiny, the tiny config's schedule (a CPU test)")
@@ -83,6 +99,7 @@ class PhaseClock:
   phase it happened in."""
 
   def __init__(self, log=None):
+    """`log(message)`: the top-level phases as they start, and the split after each block."""
     self.stack, self.seconds, self.log = ["other"], collections.defaultdict(float), log
     self.spans = collections.defaultdict(list)
     self.start = self.mark = time.time()
@@ -108,9 +125,11 @@ class PhaseClock:
     finally:
       self._switch()
       self.stack.pop()
+      if self.log and name == "checkpoint":
+        self.log("split " + json.dumps({k: round(v, 1) for k, v in self.split().items()}))
 
   def split(self) -> dict:
-    """Seconds per phase of `PHASES` (compilation apart) and "total"."""
+    """Seconds per phase of `PHASES` (compilation apart) and "total", so far."""
     self._switch()
     times = {name: self.seconds[name] for name in PHASES}
     for name, spans in self.spans.items():
@@ -160,10 +179,26 @@ def random_params(model, config):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def row_config(spec: str, population: int, num_images: int, data_dir: str):
-  """The config `spec` with K, the calibration images, the evaluation on random images (an
-  image folder written into `data_dir` for folder configs) and, with --quick, the tiny
-  schedule."""
+def override(config, variant: str) -> None:
+  """Applies `variant` (`FIELD=VALUE`, e.g. `search.precompile=False`; "" for none) to `config`."""
+  if not variant:
+    return
+  path, _, text = variant.partition("=")
+  *parents, field = path.split(".")
+  section = functools.reduce(getattr, parents, config)
+  if field not in section:
+    raise ValueError(f"--variants: config has no field {path!r}")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text  # a bare string, e.g. bfloat16
+  setattr(section, field, value)
+
+
+def row_config(spec: str, population: int, num_images: int, variant: str, data_dir: str):
+  """The config `spec` with K, the calibration images, the `variant`, --passes, the evaluation
+  on random images (an image folder written into `data_dir` for folder configs) and, with
+  --quick, the tiny schedule."""
   name, _, arg = spec.partition(":")
   config = importlib.import_module(f"configs.{name}").get_config(
       ",".join(a for a in (arg, FLAGS.bits) if a))
@@ -176,6 +211,9 @@ def row_config(spec: str, population: int, num_images: int, data_dir: str):
   config.search.update(population=population, children=population,
                        tournament=min(config.search.tournament, population))
   config.calib.num_images = num_images
+  override(config, variant)
+  if FLAGS.passes:
+    config.search.passes = FLAGS.passes
   config.eval.update(num_images=FLAGS.eval_images, batch_size=FLAGS.eval_images)
   if config.data.name == "folder":
     size, rng = config.model.image_size, np.random.default_rng(0)
@@ -199,20 +237,25 @@ def candidates_scored(config, num_blocks: int) -> int:
   return len(search_order(cfg, num_blocks)) * per_block
 
 
-def evaluator_flops_per_s(config, model, params, state) -> float:
-  """Achieved FLOP/s of the search evaluator's program: the middle block, K candidates, the
-  run's final images and QuantParams, on one device."""
+def evaluator_flops_per_s(config, model, params, state, populations) -> dict:
+  """`{K: achieved FLOP/s}` of the search evaluator's program for each K of `populations`: the
+  middle block, K candidates, the run's final images and QuantParams, on one device."""
   evaluator = BlockEvaluator(model, params, config.search, population_mesh(jax.devices()[:1]))
   block = model.num_layers // 2
   caches = evaluator.caches(state.qparams, state.images)
   sample = evaluator.token_sample(jax.random.PRNGKey(0), caches, block)
-  population = strategy_from(config.search, config.quant).initial_population(
-      jax.random.PRNGKey(1), block_sites(state.qparams, block))
-  args = (evaluator.params, population, state.qparams, caches, sample)
-  compiled = BlockEvaluator._score.lower(evaluator, block, *args).compile()
-  cost = compiled.cost_analysis()
-  flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
-  return flops / best_time(lambda: compiled(*args))
+  rates = {}
+  for k in populations:
+    search = config.search.copy_and_resolve_references()
+    search.update(population=k, children=k, tournament=min(search.tournament, k))
+    population = strategy_from(search, config.quant).initial_population(
+        jax.random.PRNGKey(1), block_sites(state.qparams, block))
+    args = (evaluator.params, population, state.qparams, caches, sample)
+    compiled = BlockEvaluator._score.lower(evaluator, block, *args).compile()
+    cost = compiled.cost_analysis()
+    flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    rates[k] = flops / best_time(lambda: compiled(*args))
+  return rates
 
 
 def peak_memory():
@@ -223,15 +266,16 @@ def peak_memory():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
 
 
-def run_row(spec: str, population: int, num_images: int) -> dict:
-  """One cycle (start, search, finish) of `spec` at K = `population`, timed by `PhaseClock`."""
-  label = f"{spec} K={population} N={num_images}"
+def run_row(spec: str, population: int, num_images: int, variant: str) -> dict:
+  """One cycle (start, search, finish) of `spec` at K = `population`, `num_images` calibration
+  images and the config override `variant`, timed by `PhaseClock`."""
+  label = f"{spec} K={population} N={num_images} {variant}".strip()
 
   def log(message):
     print(f"[{label}] {message}", file=sys.stderr, flush=True)
 
   with tempfile.TemporaryDirectory() as tmp:
-    config = row_config(spec, population, num_images, os.path.join(tmp, "data"))
+    config = row_config(spec, population, num_images, variant, os.path.join(tmp, "data"))
     model = build_model(config.model)
     params = random_params(model, config)
     workdir = os.path.join(tmp, "run")
@@ -250,32 +294,40 @@ def run_row(spec: str, population: int, num_images: int) -> dict:
     checkpoints.close()
     log(f"done ({times['total']:.0f}s); measuring the evaluator and a matmul")
     memory, memory_source = peak_memory()  # before the measurements below
-    evaluator = evaluator_flops_per_s(config, model, params, state)
-  matmul = matmul_flops_per_s(jax.tree_util.tree_leaves(params)[0].dtype)
+    evaluator = evaluator_flops_per_s(
+        config, model, params, state,
+        [population] + [int(k) for k in FLAGS.evaluator_populations if int(k) != population])
+  matmul = matmul_flops_per_s(jnp.dtype(config.model.compute_dtype))
   candidates = candidates_scored(config, model.num_layers)
-  return dict(model=spec, population=population, images=num_images, seconds=times,
-              peak_memory_bytes=memory, memory_source=memory_source, candidates=candidates,
+  return dict(model=spec, population=population, images=num_images, variant=variant,
+              compute_dtype=config.model.compute_dtype,
+              passes=config.search.passes, seconds=times, peak_memory_bytes=memory,
+              memory_source=memory_source, candidates=candidates,
               candidates_per_s=candidates / times["search"],
-              evaluator_flops_per_s=evaluator, matmul_flops_per_s=matmul,
-              device=str(jax.devices()[0]), jax=jax.__version__)
+              evaluator_flops_per_s=evaluator[population], matmul_flops_per_s=matmul,
+              evaluator_flops_per_s_at=evaluator, device=str(jax.devices()[0]),
+              jax=jax.__version__)
 
 
-def rows(models, populations, images):
-  """`(model, K, N)`: the first model at every K (first N) and every N (first K), the others
-  at the first K and N."""
-  first = [(models[0], k, images[0]) for k in populations]
-  first += [(models[0], populations[0], n) for n in images[1:]]
-  return first + [(m, populations[0], images[0]) for m in models[1:]]
+def rows(models, populations, images, variants):
+  """`(model, K, N, variant)`: the first model at every K, every N and every variant (the
+  others at their first; variant "" is the config as it is), the other models at the first K and
+  N."""
+  k0, n0 = populations[0], images[0]
+  first = [(models[0], k, n0, "") for k in populations]
+  first += [(models[0], k0, n, "") for n in images[1:]]
+  first += [(models[0], k0, n0, v) for v in variants]
+  return first + [(m, k0, n0, "") for m in models[1:]]
 
 
 def table(results) -> str:
   """The rows as a markdown table."""
-  head = ["model", "K", "N", *PHASES, "total", "peak memory (GiB)", "candidates/s",
+  head = ["model", "variant", "P", "K", "N", *PHASES, "total", "peak memory (GiB)", "candidates/s",
           "evaluator GFLOP/s", "matmul GFLOP/s", "evaluator / matmul"]
   lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
   for r in results:
     s = r["seconds"]
-    cells = [r["model"], r["population"], r["images"],
+    cells = [r["model"], r["variant"] or "-", r["passes"], r["population"], r["images"],
              *(f"{s[p]:.1f}" for p in PHASES), f"{s['total']:.1f}",
              f"{r['peak_memory_bytes'] / 2 ** 30:.2f}", f"{r['candidates_per_s']:.1f}",
              f"{r['evaluator_flops_per_s'] / 1e9:.1f}", f"{r['matmul_flops_per_s'] / 1e9:.1f}",
@@ -284,12 +336,36 @@ def table(results) -> str:
   return "\n".join(lines)
 
 
+def evaluator_table(results) -> str:
+  """The evaluator's FLOP/s at each measured K, against the row's matmul."""
+  lines = ["| model | variant | N | K | evaluator GFLOP/s | evaluator / matmul |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for r in results:
+    for k, rate in r["evaluator_flops_per_s_at"].items():
+      lines.append(f"| {r['model']} | {r['variant'] or '-'} | {r['images']} | {k} | "
+                   f"{rate / 1e9:.1f} | {rate / r['matmul_flops_per_s']:.0%} |")
+  return "\n".join(lines)
+
+
+def run_process(command) -> None:
+  """Runs `command` to its end; a SIGTERM to this process (e.g. `timeout`) stops it too."""
+  process = subprocess.Popen(command)
+
+  def stop(*_):
+    process.terminate()
+    sys.exit(f"stopped during {command[2]}")
+
+  signal.signal(signal.SIGTERM, stop)
+  process.wait()
+
+
 def main(_):
   package = os.path.dirname(os.path.abspath(pipeline.__file__))
   absl_logging.get_absl_handler().addFilter(  # this package's lines and warnings, as the CLI
       lambda r: r.levelno >= logging.WARNING or r.pathname.startswith(package))
   if FLAGS.row_out:
-    result = run_row(FLAGS.models[0], int(FLAGS.populations[0]), int(FLAGS.images[0]))
+    result = run_row(FLAGS.models[0], int(FLAGS.populations[0]), int(FLAGS.images[0]),
+                     FLAGS.variants[0] if FLAGS.variants else "")
     with open(FLAGS.row_out, "w") as f:
       json.dump(result, f)
     return
@@ -300,22 +376,32 @@ def main(_):
   results = []
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "row.json")
-    for model, k, n in rows(FLAGS.models, [int(k) for k in FLAGS.populations],
-                            [int(n) for n in FLAGS.images]):
-      print(f"running {model} K={k} N={n}", flush=True)
-      subprocess.run([sys.executable, os.path.abspath(__file__), f"--models={model}",
-                      f"--populations={k}", f"--images={n}", f"--bits={FLAGS.bits}",
-                      f"--eval_images={FLAGS.eval_images}", f"--quick={FLAGS.quick}",
-                      f"--row_out={out}"], check=True)
+    for model, k, n, variant in rows(FLAGS.models, [int(k) for k in FLAGS.populations],
+                                     [int(n) for n in FLAGS.images], FLAGS.variants):
+      print(f"running {model} K={k} N={n} {variant}", flush=True)
+      run_process([sys.executable, os.path.abspath(__file__), f"--models={model}",
+                   f"--populations={k}", f"--images={n}", f"--variants={variant}",
+                   f"--passes={FLAGS.passes}",
+                   f"--evaluator_populations={','.join(FLAGS.evaluator_populations)}",
+                   f"--bits={FLAGS.bits}", f"--eval_images={FLAGS.eval_images}",
+                   f"--quick={FLAGS.quick}", f"--row_out={out}"])
+      if not os.path.exists(out):  # its log says why; the other rows still run
+        print(f"{model} K={k} N={n} {variant} failed", flush=True)
+        continue
       with open(out) as f:
         results.append(json.load(f))
+      os.remove(out)
+      if FLAGS.json_out:  # after every row: a command stopped later keeps the rows it finished
+        with open(FLAGS.json_out, "w") as f:
+          json.dump(results, f, indent=1)
+  if not results:
+    sys.exit("every row failed")
   r = results[0]
   print(f"\n{r['device']}, jax {r['jax']}; peak memory: {r['memory_source']}; compile: jax's "
         f"trace/lower/compile spans; seconds per part of the cycle:\n")
   print(table(results))
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, "w") as f:
-      json.dump(results, f, indent=1)
+  print("\nThe evaluator's program (middle block) at each K measured:\n")
+  print(evaluator_table(results))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from clamp_jax.generate import validate as validate_generate
 from clamp_jax.generate.config import METHODS as GENERATED_SOURCES
 from clamp_jax.models import model_family
 from clamp_jax.models.quantized import validate as validate_quant
+from clamp_jax.models.vit import compute_dtype
 from clamp_jax.search.loop import validate as validate_search
 from clamp_jax.search.reconstruct import validate as validate_reconstruct
 
@@ -39,6 +40,7 @@ def check_data(data: ml_collections.ConfigDict, uses_train_split: bool) -> None:
 def validate_run(config: ml_collections.ConfigDict, mode: str) -> None:
   """Raises (ValueError, FileNotFoundError) naming the first field a `mode` run cannot use."""
   model_family(config.model)
+  compute_dtype(config.model)
   if mode == "eval" and config.model.quantized:
     check_file("model.quantized", config.model.quantized, "a run's quantized.npz")
   elif mode in NEEDS_CHECKPOINT:

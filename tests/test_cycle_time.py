@@ -16,7 +16,7 @@ def test_quick_cycle_time(tmp_path):
                            "--quick", f"--json_out={out}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=LAUNCH_TIMEOUT)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "| model | K | N | generation |" in result.stdout
+  assert "| model | variant | P | K | N | generation |" in result.stdout
   [row] = json.loads(out.read_text())
   seconds = row["seconds"]
   for part in PARTS:  # every part ran (the quick schedule refreshes once per block)

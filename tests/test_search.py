@@ -136,6 +136,37 @@ def test_search_lowers_the_fitness_below_the_min_max_start(setup):
     np.testing.assert_array_equal(a.scale, b.scale)
 
 
+def test_precompiled_programs_serve_the_whole_search_and_change_nothing(setup, monkeypatch,
+                                                                      request):
+  model, params, images, qparams = setup
+  cfg = search_config(**dict(SMALL, passes=2, generations=3, population=4, children=3))
+  compiled = []  # (precompiling?, the program's name) of each XLA compilation of the search
+  precompiling = []
+
+  def listen(event, _, fun_name="", **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append((bool(precompiling), fun_name))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  request.addfinalizer(lambda: jax.monitoring.unregister_event_duration_listener(listen))
+  precompile = BlockEvaluator.precompile
+
+  def marked(self, *args):
+    precompiling.append(True)
+    precompile(self, *args)
+    precompiling.clear()
+
+  monkeypatch.setattr(BlockEvaluator, "precompile", marked)
+  searched, _ = search(model, params, qparams, images, cfg)
+  scores = [during for during, name in compiled if name == "jit(_score)"]
+  assert scores == [True] * 4  # 2 blocks x (population of 4, 3 children), all before the search
+  compiled.clear()
+  plain, _ = search(model, params, qparams, images, search_config(**dict(cfg, precompile=False)))
+  assert [name for _, name in compiled].count("jit(_score)") == 4  # compiled as they come
+  for a, b in zip(flatten(searched).values(), flatten(plain).values()):
+    np.testing.assert_array_equal(a.scale, b.scale)
+
+
 def test_a_refreshed_block_keeps_the_start_and_reports_it_on_the_final_images(setup):
   model, params, images, qparams = setup
   # every token in the block loss, so a score does not depend on the token sample

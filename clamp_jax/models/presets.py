@@ -5,7 +5,7 @@ import flax.linen as nn
 import ml_collections
 
 from clamp_jax.models.swin import build_swin
-from clamp_jax.models.vit import VisionTransformer
+from clamp_jax.models.vit import VisionTransformer, compute_dtype
 
 # width, depth, heads, mlp width
 _SIZES = {
@@ -43,6 +43,7 @@ def model_config(name: str = "", **overrides) -> ml_collections.ConfigDict:
   fields = dict(name=name, image_size=224, channels=3, patch_size=16, hidden_size=768,
                 num_layers=12, num_heads=12, mlp_dim=3072, num_classes=1000, pool="tok",
                 representation_size=0, layernorm_epsilon=1e-6, gelu_approximate=False,
+                compute_dtype="float32",  # the matmuls' operands: "bfloat16" on GPU/TPU is faster
                 checkpoint="",
                 quantized="")  # a run's quantized.npz: --mode=eval evaluates it instead
   fields.update(PRESETS.get(name, {}))
@@ -69,4 +70,5 @@ def build_model(cfg: ml_collections.ConfigDict) -> nn.Module:
   if model_family(cfg) == "swin":
     return build_swin(cfg)
   return VisionTransformer(**{k: cfg[k] for k in ARCH_FIELDS if k != "representation_size"},
-                           representation_size=cfg.representation_size or None)
+                           representation_size=cfg.representation_size or None,
+                           compute_dtype=compute_dtype(cfg))

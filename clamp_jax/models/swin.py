@@ -14,7 +14,7 @@ before stage s is `Transformer/downsample_{s}/{norm,reduction}` with the sites `
 reduction's input) and `merge_out`. The model implements the block protocol of `protocol.py`.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 
 from clamp_jax.models.protocol import BlockGrid, block_name
-from clamp_jax.models.vit import MlpBlock, PatchEmbedding, Projection, quant_site
+from clamp_jax.models.vit import (MlpBlock, PatchEmbedding, Projection, compute_dtype, matmul,
+                                  quant_site)
 
 Grid = Tuple[int, int]
 MASKED = -100.0  # timm's additive mask between tokens of different regions of a shifted window
@@ -102,6 +103,7 @@ class WindowAttention(nn.Module):
   """
   num_heads: int
   window: Grid
+  compute_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[np.ndarray]) -> jax.Array:
@@ -112,19 +114,21 @@ class WindowAttention(nn.Module):
     (wh, ww), n = self.window, x.shape[-2]
     table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
                        ((2 * wh - 1) * (2 * ww - 1), self.num_heads), jnp.float32)
-    proj = lambda name: Projection((self.num_heads, head_dim), name=name)(x)
+    cd = self.compute_dtype
+    proj = lambda name: Projection((self.num_heads, head_dim), compute_dtype=cd, name=name)(x)
     q = quant_site(self, "q", proj("query"))
     k = quant_site(self, "k", proj("key"))
     v = quant_site(self, "v", proj("value"))
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k) * np.float32(head_dim ** -0.5)
+    logits = matmul("...qhd,...khd->...hqk", q, k, cd) * np.float32(head_dim ** -0.5)
     bias = table[relative_position_index(self.window).reshape(-1)].reshape(n, n, -1)
     logits = logits + bias.transpose(2, 0, 1)
     if mask is not None:
       logits = logits + mask[:, None]  # [windows, 1, N, N] against [B, windows, heads, N, N]
     logits = quant_site(self, "attn_logits", logits)
     probs = quant_site(self, "attn_probs", jax.nn.softmax(logits, axis=-1))
-    attended = quant_site(self, "attn_v", jnp.einsum("...hqk,...khd->...qhd", probs, v))
-    return quant_site(self, "attn_out", Projection(d, in_axes=2, name="out")(attended))
+    attended = quant_site(self, "attn_v", matmul("...hqk,...khd->...qhd", probs, v, cd))
+    out = Projection(d, in_axes=2, compute_dtype=cd, name="out")(attended)
+    return quant_site(self, "attn_out", out)
 
 
 class SwinBlock(nn.Module):
@@ -136,6 +140,7 @@ class SwinBlock(nn.Module):
   shift: Grid
   layernorm_epsilon: float = 1e-5
   gelu_approximate: bool = False
+  compute_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, grid: Grid):
@@ -145,7 +150,7 @@ class SwinBlock(nn.Module):
     x = quant_site(self, "residual1", x + attn)
     y = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="LayerNorm_1")(x)
     y = quant_site(self, "ln2", y)
-    y = MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
+    y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.compute_dtype, name="MlpBlock_0")(y)
     return quant_site(self, "residual2", x + y), attn
 
   def _windowed_attention(self, y: jax.Array, grid: Grid) -> jax.Array:
@@ -160,8 +165,8 @@ class SwinBlock(nn.Module):
     x = jnp.pad(x, ((0, 0), (0, pad[0]), (0, pad[1]), (0, 0))) if any(pad) else x
     padded = (h + pad[0], w + pad[1])
     mask = shifted_window_mask(padded, self.window, self.shift)
-    out = WindowAttention(self.num_heads, self.window, name="MultiHeadDotProductAttention_0")(
-        _partition(x, self.window), mask)
+    out = WindowAttention(self.num_heads, self.window, self.compute_dtype,
+                          name="MultiHeadDotProductAttention_0")(_partition(x, self.window), mask)
     x = _unpartition(out, padded, self.window)[:, :h, :w]
     x = jnp.roll(x, self.shift, axis=(1, 2)) if shifted else x
     return x.reshape(b, n, d)
@@ -171,6 +176,7 @@ class PatchMerging(nn.Module):
   """2x2 neighbours -> LayerNorm(4C) (`norm`, site `merge_ln`) -> bias-free `reduction` to 2C
   (site `merge_out`, the stream entering the next stage)."""
   layernorm_epsilon: float = 1e-5
+  compute_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, grid: Grid):
@@ -179,7 +185,7 @@ class PatchMerging(nn.Module):
     grid = x.shape[1:3]
     x = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="norm")(x.reshape(b, -1, 4 * c))
     x = quant_site(self, "merge_ln", x)
-    x = Projection(2 * c, use_bias=False, name="reduction")(x)
+    x = Projection(2 * c, use_bias=False, compute_dtype=self.compute_dtype, name="reduction")(x)
     return quant_site(self, "merge_out", x), tuple(grid)
 
 
@@ -206,6 +212,7 @@ class SwinEncoder(nn.Module):
   mlp_ratio: float
   layernorm_epsilon: float = 1e-5
   gelu_approximate: bool = False
+  compute_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, grid: Grid, return_intermediates: bool = False,
@@ -218,12 +225,13 @@ class SwinEncoder(nn.Module):
     for i in range(first, len(stages)):
       s, j = stages[i]
       if j == 0 and s > 0 and i > first:
-        x, grid = PatchMerging(self.layernorm_epsilon, name=f"downsample_{s}")(x, grid)
+        x, grid = PatchMerging(self.layernorm_epsilon, self.compute_dtype,
+                               name=f"downsample_{s}")(x, grid)
       window, shift = stage_window(grid, self.window_size, shifted=j % 2 == 1)
       inter["block_in"].append(x)
       d = x.shape[-1]
       x, attn = SwinBlock(int(d * self.mlp_ratio), self.num_heads[s], window, shift,
-                          self.layernorm_epsilon, self.gelu_approximate,
+                          self.layernorm_epsilon, self.gelu_approximate, self.compute_dtype,
                           name=block_name(i))(x, grid)
       inter["attn"].append(attn)
       inter["block"].append(x)
@@ -245,6 +253,7 @@ class SwinTransformer(nn.Module):
   mlp_ratio: float = 4.0
   layernorm_epsilon: float = 1e-5
   gelu_approximate: bool = False
+  compute_dtype: Any = jnp.float32  # the matmuls' operands (`vit.matmul`); all else float32
 
   @nn.compact
   def __call__(self, inputs: jax.Array, return_intermediates: bool = False,
@@ -263,7 +272,7 @@ class SwinTransformer(nn.Module):
     self._check(start_block)
     if start_block is None:
       x = quant_site(self, "image", inputs)
-      x = PatchEmbedding(self.embed_dim, self.patch_size, name="embedding")(x)
+      x = PatchEmbedding(self.embed_dim, self.patch_size, self.compute_dtype, name="embedding")(x)
       x = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="embedding_norm")(x)
       x = quant_site(self, "patch_embed", x)  # the residual stream entering block 0
     else:
@@ -271,10 +280,11 @@ class SwinTransformer(nn.Module):
     b, gh, gw, d = x.shape
     x, intermediates = SwinEncoder(
         tuple(self.depths), tuple(self.num_heads), self.window_size, self.mlp_ratio,
-        self.layernorm_epsilon, self.gelu_approximate, name="Transformer")(
+        self.layernorm_epsilon, self.gelu_approximate, self.compute_dtype, name="Transformer")(
             x.reshape(b, gh * gw, d), (gh, gw), return_intermediates, start_block)
     x = quant_site(self, "head_in", x.mean(axis=1))
-    logits = Projection(self.num_classes, name="head", kernel_init=nn.initializers.zeros)(x)
+    logits = Projection(self.num_classes, name="head", kernel_init=nn.initializers.zeros,
+                        compute_dtype=self.compute_dtype)(x)
     logits = quant_site(self, "logits", logits)
     return (logits, intermediates) if return_intermediates else logits
 
@@ -337,7 +347,8 @@ def swin_config(name: str = "", **overrides) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown Swin preset {name!r}; known: {sorted(SWIN_PRESETS)}")
   fields = dict(name=name, family="swin", image_size=224, channels=0, patch_size=0, embed_dim=0,
                 depths=(), num_heads=(), window_size=0, mlp_ratio=0.0, num_classes=0,
-                layernorm_epsilon=1e-5, gelu_approximate=False, checkpoint="", quantized="")
+                layernorm_epsilon=1e-5, gelu_approximate=False, compute_dtype="float32",
+                checkpoint="", quantized="")
   fields.update(SWIN_PRESETS.get(name, {}))
   unknown = set(overrides) - set(fields)
   if unknown:
@@ -360,4 +371,5 @@ def build_swin(cfg: ml_collections.ConfigDict) -> SwinTransformer:
                          embed_dim=cfg.embed_dim, depths=tuple(cfg.depths),
                          num_heads=tuple(cfg.num_heads), window_size=cfg.window_size,
                          mlp_ratio=float(cfg.mlp_ratio), layernorm_epsilon=cfg.layernorm_epsilon,
-                         gelu_approximate=cfg.gelu_approximate)
+                         gelu_approximate=cfg.gelu_approximate,
+                         compute_dtype=compute_dtype(cfg))

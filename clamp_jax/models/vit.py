@@ -6,7 +6,7 @@ ALGORITHM.md) through `quant_site(module, NAME, x)`. These calls are the single
 place where quantization plugs in, so the quantized model is this model, not a copy.
 """
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -16,6 +16,7 @@ import numpy as np
 from clamp_jax.models.protocol import BlockGrid, block_name
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")  # `config.model.compute_dtype`
 QUANT = "quant"  # collection of `SiteQuant` parameters (a `QuantParams` tree)
 OBSERVE = "quant_observe"  # mutable collection that records every site's value (calibration)
 
@@ -32,6 +33,21 @@ def quant_site(module: nn.Module, name: str, x: jax.Array) -> jax.Array:
   if module.has_variable(QUANT, name):
     return module.get_variable(QUANT, name)(x)
   return x
+
+
+def compute_dtype(model_cfg) -> Any:
+  """The jnp dtype `config.model.compute_dtype` names ("float32" when the section has none)."""
+  name = model_cfg.get("compute_dtype", "float32")
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"config.model.compute_dtype={name!r}; known: {list(COMPUTE_DTYPES)}")
+  return jnp.dtype(name)
+
+
+def matmul(spec: str, a: jax.Array, b: jax.Array, compute_dtype: Any) -> jax.Array:
+  """`einsum(spec, a, b)` with both operands cast to `compute_dtype` (float32: unchanged),
+  accumulated and returned in float32, so the quantizers around every matmul stay float32."""
+  return jnp.einsum(spec, a.astype(compute_dtype), b.astype(compute_dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def _quant_kernel(module: nn.Module, kernel: jax.Array, in_axes: int) -> jax.Array:
@@ -57,6 +73,7 @@ class Projection(nn.Module):
   kernel_init: nn.initializers.Initializer = None
   bias_init: nn.initializers.Initializer = nn.initializers.zeros
   use_bias: bool = True
+  compute_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -71,7 +88,8 @@ class Projection(nn.Module):
     bias = self.param("bias", self.bias_init, features, jnp.float32) if self.use_bias else None
     kernel = _quant_kernel(self, kernel, len(in_shape))
     contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
-    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    y = jax.lax.dot_general(x.astype(self.compute_dtype), kernel.astype(self.compute_dtype),
+                            (contract, ((), ())), preferred_element_type=jnp.float32)
     return y if bias is None else y + bias
 
 
@@ -79,6 +97,7 @@ class PatchEmbedding(nn.Module):
   """Non-overlapping patch embedding; kernel `(p, p, C, D)` like the conv of vision_transformer."""
   hidden_size: int
   patch_size: int
+  compute_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -93,13 +112,14 @@ class PatchEmbedding(nn.Module):
     kernel = _quant_kernel(self, kernel, 3)
     x = images[:, :gh * p, :gw * p, :].reshape(b, gh, p, gw, p, c)
     x = x.transpose(0, 1, 3, 2, 4, 5)  # b, gh, gw, p, p, c: the kernel's (kh, kw, cin) order
-    y = jnp.einsum("bijklc,klcd->bijd", x, kernel)
+    y = matmul("bijklc,klcd->bijd", x, kernel, self.compute_dtype)
     return y + bias
 
 
 class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with `query`, `key`, `value`, `out` projections as in flax/vision_transformer."""
   num_heads: int
+  compute_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -107,27 +127,31 @@ class MultiHeadDotProductAttention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"hidden size {d} is not divisible by num_heads={self.num_heads}")
     head_dim = d // self.num_heads
-    proj = lambda name: Projection((self.num_heads, head_dim), name=name)(x)
+    cd = self.compute_dtype
+    proj = lambda name: Projection((self.num_heads, head_dim), compute_dtype=cd, name=name)(x)
     q = quant_site(self, "q", proj("query"))
     k = quant_site(self, "k", proj("key"))
     v = quant_site(self, "v", proj("value"))
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / np.sqrt(head_dim).astype(np.float32)
+    logits = matmul("...qhd,...khd->...hqk", q, k, cd) / np.sqrt(head_dim).astype(np.float32)
     logits = quant_site(self, "attn_logits", logits)
     probs = quant_site(self, "attn_probs", jax.nn.softmax(logits, axis=-1))
-    attended = quant_site(self, "attn_v", jnp.einsum("...hqk,...khd->...qhd", probs, v))
-    return quant_site(self, "attn_out", Projection(d, in_axes=2, name="out")(attended))
+    attended = quant_site(self, "attn_v", matmul("...hqk,...khd->...qhd", probs, v, cd))
+    out = Projection(d, in_axes=2, compute_dtype=cd, name="out")(attended)
+    return quant_site(self, "attn_out", out)
 
 
 class MlpBlock(nn.Module):
   """fc1 -> GELU -> fc2, named `Dense_0` and `Dense_1`."""
   mlp_dim: int
   gelu_approximate: bool = False
+  compute_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = Projection(self.mlp_dim, name="Dense_0")(x)
+    h = Projection(self.mlp_dim, compute_dtype=self.compute_dtype, name="Dense_0")(x)
     h = quant_site(self, "gelu", nn.gelu(h, approximate=self.gelu_approximate))
-    return quant_site(self, "fc2", Projection(x.shape[-1], name="Dense_1")(h))
+    out = Projection(x.shape[-1], compute_dtype=self.compute_dtype, name="Dense_1")(h)
+    return quant_site(self, "fc2", out)
 
 
 class Encoder1DBlock(nn.Module):
@@ -136,16 +160,18 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   layernorm_epsilon: float = 1e-6
   gelu_approximate: bool = False
+  compute_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array):
     y = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="LayerNorm_0")(x)
     y = quant_site(self, "ln1", y)
-    attn = MultiHeadDotProductAttention(self.num_heads, name="MultiHeadDotProductAttention_0")(y)
+    attn = MultiHeadDotProductAttention(self.num_heads, self.compute_dtype,
+                                        name="MultiHeadDotProductAttention_0")(y)
     x = quant_site(self, "residual1", x + attn)
     y = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="LayerNorm_1")(x)
     y = quant_site(self, "ln2", y)
-    y = MlpBlock(self.mlp_dim, self.gelu_approximate, name="MlpBlock_0")(y)
+    y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.compute_dtype, name="MlpBlock_0")(y)
     return quant_site(self, "residual2", x + y), attn
 
 
@@ -156,6 +182,7 @@ class Encoder(nn.Module):
   num_heads: int
   layernorm_epsilon: float = 1e-6
   gelu_approximate: bool = False
+  compute_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, return_intermediates: bool = False,
@@ -169,7 +196,7 @@ class Encoder(nn.Module):
     for i in range(start_block or 0, self.num_layers):
       block_inputs.append(x)
       x, attn = Encoder1DBlock(self.mlp_dim, self.num_heads, self.layernorm_epsilon,
-                               self.gelu_approximate, name=block_name(i))(x)
+                               self.gelu_approximate, self.compute_dtype, name=block_name(i))(x)
       attn_outputs.append(attn)
       block_outputs.append(x)
     x = nn.LayerNorm(epsilon=self.layernorm_epsilon, name="encoder_norm")(x)
@@ -201,6 +228,7 @@ class VisionTransformer(nn.Module):
   representation_size: Optional[int] = None
   layernorm_epsilon: float = 1e-6
   gelu_approximate: bool = False
+  compute_dtype: Any = jnp.float32  # the matmuls' operands (`matmul`); all else float32
 
   @nn.compact
   def __call__(self, inputs: jax.Array, return_intermediates: bool = False,
@@ -220,15 +248,16 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"start_block={start_block} outside 0..{self.num_layers - 1}")
     x = self._tokens(inputs) if start_block is None else inputs
     x, intermediates = Encoder(self.num_layers, self.mlp_dim, self.num_heads,
-                               self.layernorm_epsilon, self.gelu_approximate,
+                               self.layernorm_epsilon, self.gelu_approximate, self.compute_dtype,
                                name="Transformer")(x, return_intermediates, start_block)
     x = x[:, 0] if self.pool == "tok" else x.mean(axis=1)
     x = quant_site(self, "head_in", x)  # the pooled features entering pre_logits or the head
     if self.representation_size:
-      x = jnp.tanh(Projection(self.representation_size, name="pre_logits")(x))
+      x = jnp.tanh(Projection(self.representation_size, compute_dtype=self.compute_dtype,
+                              name="pre_logits")(x))
       x = quant_site(self, "pre_logits_out", x)
-    logits = Projection(self.num_classes, name="head",
-                        kernel_init=nn.initializers.zeros)(x)
+    logits = Projection(self.num_classes, name="head", kernel_init=nn.initializers.zeros,
+                        compute_dtype=self.compute_dtype)(x)
     logits = quant_site(self, "logits", logits)
     return (logits, intermediates) if return_intermediates else logits
 
@@ -240,7 +269,7 @@ class VisionTransformer(nn.Module):
   def _tokens(self, images: jax.Array) -> jax.Array:
     """Images -> patch tokens, with the class token first when `pool` is "tok"."""
     x = quant_site(self, "image", images)
-    x = PatchEmbedding(self.hidden_size, self.patch_size, name="embedding")(x)
+    x = PatchEmbedding(self.hidden_size, self.patch_size, self.compute_dtype, name="embedding")(x)
     x = quant_site(self, "patch_embed", x)
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)

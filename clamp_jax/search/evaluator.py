@@ -8,8 +8,10 @@ outputs and logits, once per data refresh). Candidates then run blocks `l..L-1` 
 The Fisher weights of the "fisher" block loss are cached too, only when that loss is used.
 """
 
+import concurrent.futures
 import functools
-from typing import Callable, Optional, Tuple, Union
+import os
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 from flax import struct
 import flax.linen as nn
@@ -84,15 +86,21 @@ def population_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("pop",))
 
 
-def score_sharded(score: Callable[[dict], jax.Array], population: dict, mesh: Mesh) -> jax.Array:
-  """`score(population)` `[K]`, the population sharded over "pop" and padded (repeating the last
-  candidate) so every device gets the same count."""
+def shard_population(population: dict, mesh: Mesh) -> dict:
+  """`population` sharded over "pop", padded (repeating the last candidate) so every device
+  gets the same count."""
   k = jax.tree_util.tree_leaves(population)[0].shape[0]
   padded = -(-k // mesh.devices.size) * mesh.devices.size
   if padded != k:
     population = jax.tree_util.tree_map(
         lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], padded - k, axis=0)]), population)
-  return score(jax.device_put(population, NamedSharding(mesh, P("pop"))))[:k]
+  return jax.device_put(population, NamedSharding(mesh, P("pop")))
+
+
+def score_sharded(score: Callable[[dict], jax.Array], population: dict, mesh: Mesh) -> jax.Array:
+  """`score(population)` `[K]`, the population passed through `shard_population`."""
+  k = jax.tree_util.tree_leaves(population)[0].shape[0]
+  return score(shard_population(population, mesh))[:k]
 
 
 def map_sharded(one: Callable[[dict], jax.Array], population: dict, mesh: Mesh,
@@ -163,6 +171,24 @@ class BlockEvaluator:
     return score_sharded(
         lambda pop: self._score(block, self.params, pop, qparams, caches, sample), population,
         self.mesh)
+
+  def precompile(self, calls: Sequence[Tuple[int, dict]], qparams: dict, caches: Caches,
+                 key: jax.Array) -> None:
+    """Compiles the program `score` runs for each `(block, population)` of `calls` (any values of
+    the shapes the search will pass), in parallel threads: the blocks' programs differ, and one
+    after the other they cost most of a search's first pass on an accelerator (BENCHMARKS.md).
+    `score` then finds them compiled."""
+    def compile_one(call):
+      block, population = call
+      sample = self.token_sample(key, caches, block)
+      self._score.lower(self, block, self.params, shard_population(population, self.mesh),
+                        qparams, caches, sample).compile()
+
+    # Processes of a multi-process run place the populations on their global mesh in step: one
+    # thread each, in the same order.
+    workers = 1 if jax.process_count() > 1 else max(1, min(len(calls), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      list(pool.map(compile_one, calls))  # list: re-raises a failed compilation here
 
   @functools.partial(jax.jit, static_argnums=(0, 1))
   def _score(self, block, params, population, qparams, caches, sample):

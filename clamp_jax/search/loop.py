@@ -46,6 +46,7 @@ def search_config(**overrides) -> ml_collections.ConfigDict:
       block_tokens=256,   # tokens sampled for the block-local contrastive loss
       chunk_size=0,       # candidates per lax.map step on a device; 0: all at once (vmap)
       refresh_every=3,    # generations between data refreshes (the CLAMP cycle: C / 2); 0: never
+      precompile=True,    # compile every block's evaluator program at once, in parallel threads
       seed=0))
   cfg.update(overrides)
   return cfg
@@ -149,6 +150,23 @@ def search_block(evaluator: BlockEvaluator, strategy: EvolQ, block: Optional[int
   return best(state), start, float(state.fitness[0]), images
 
 
+def precompile(evaluator: BlockEvaluator, strategy: EvolQ, qparams: dict, images: jax.Array,
+               blocks) -> None:
+  """Compiles the evaluator's programs of `blocks` for the start population and the children
+  (`BlockEvaluator.precompile`), all at once before the search, with progress output."""
+  t0 = time.time()
+  caches = evaluator.caches(qparams, images)
+  key = jax.random.PRNGKey(0)  # the values do not matter, only the shapes
+  calls = []
+  for block in sorted(set(blocks)):
+    population = strategy.initial_population(key, block_sites(qparams, block))
+    children = strategy.ask(key, strategy.init(population, jnp.zeros(strategy.population_size)))
+    calls += [(block, population), (block, children)]
+  logging.info("compiling the evaluator's programs of %d blocks in parallel", len(set(blocks)))
+  evaluator.precompile(calls, qparams, caches, key)
+  logging.info("compiled them in %.0fs", time.time() - t0)
+
+
 def search_order(cfg: ml_collections.ConfigDict, num_blocks: int) -> List[Tuple[int, int]]:
   """`(pass, block)` in the order searched: `passes` passes over the blocks, last to first."""
   return [(p, b) for p in range(cfg.passes) for b in reversed(range(num_blocks))]
@@ -178,6 +196,8 @@ def search(model: nn.Module, params, qparams: dict, images: jax.Array,
     sensitivity = (kl_only, images, range(model.num_layers), jax.random.PRNGKey(cfg.seed))
   strategy, budget, qparams = start_strategy(cfg, quant_cfg, qparams, sensitivity)
   order = search_order(cfg, model.num_layers)
+  if cfg.get("precompile", True) and start < len(order):
+    precompile(evaluator, strategy, qparams, images, [b for _, b in order[start:]])
   history: List[dict] = []
   t0 = time.time()
   for position in range(start, len(order)):
