@@ -305,6 +305,23 @@ def test_warm_start_continues_from_the_given_state(tiny, clamp_run):
   assert len(report["loss_curve"]) == 3
   assert not np.array_equal(refreshed, images)
   np.testing.assert_array_equal(new_state.targets, targets)
+  assert not any(a.is_deleted() for a in jax.tree_util.tree_leaves(state))  # copied, not donated
+
+
+def test_the_step_writes_each_update_over_the_last(tiny, clamp_run):
+  from clamp_jax.generate.loop import _compiled
+  model, params, qparams, _ = tiny
+  config, (_, targets, state, _) = clamp_run
+  frozen = ml_collections.FrozenConfigDict(
+      {"generate": config.generate, "model": config.model, "data": config.data})
+  _, tx, step = _compiled(model, frozen)
+  gen_params = jax.tree_util.tree_map(jnp.copy, state.gen_params)
+  opt_state = tx.init(gen_params)
+  out = step(gen_params, opt_state, targets, params, qparams, jax.random.PRNGKey(0), 0,
+             np.float32(0.1), True)
+  donated = jax.tree_util.tree_leaves((gen_params, opt_state))
+  assert donated and all(a.is_deleted() for a in donated)
+  assert all(np.isfinite(a).all() for a in jax.tree_util.tree_leaves(out[:2]))
 
 
 @pytest.mark.skipif(not os.path.exists(CHECKPOINT),

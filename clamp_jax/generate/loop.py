@@ -78,7 +78,8 @@ def make_loss(config: ml_collections.ConfigDict, model: nn.Module):
 def _compiled(model: nn.Module, frozen: ml_collections.FrozenConfigDict):
   """`(generator, tx, step)` for one model and config, cached so that every run and refresh reuses
   the compiled step. The learning rate is an argument (not a schedule inside `tx`), so the run
-  length does not change the program."""
+  length does not change the program. The step donates the generator's params and the optimizer
+  state (its first two arguments): each update is written over the last."""
   config = ml_collections.ConfigDict(frozen)
   gen_cfg = config.generate
   generator = make_generator(config)
@@ -86,7 +87,7 @@ def _compiled(model: nn.Module, frozen: ml_collections.FrozenConfigDict):
   loss_fn = make_loss(config, model)
   max_roll = roll_pixels(config.model.image_size, gen_cfg.roll_fraction)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(gen_params, opt_state, targets, params, qparams, key, i, lr, train):
     """One Adam update on augmented images; with `train` False the same program evaluates the
     un-augmented images (its update is then discarded). Returns the rendered images too."""
@@ -148,7 +149,8 @@ def generate(config: ml_collections.ConfigDict, model: nn.Module, params, qparam
   run = functools.partial(step, targets=state.targets, params=params, qparams=qparams,
                           key=k_steps)
 
-  gen_params, opt_state, curve = state.gen_params, tx.init(state.gen_params), []
+  own = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # what the step may donate
+  gen_params, opt_state, curve = own(state.gen_params), tx.init(state.gen_params), []
   lrs = learning_rates(gen_cfg, steps)
   log_every = max(1, steps // 10)
   t0 = t1 = time.perf_counter()
@@ -165,7 +167,8 @@ def generate(config: ml_collections.ConfigDict, model: nn.Module, params, qparam
   curve = [float(v) for v in jax.device_get(curve)]
   rate = (steps - 1) / (time.perf_counter() - t1) if steps >= 2 else float("nan")
 
-  _, _, loss, terms, images = run(gen_params, opt_state, i=steps, lr=np.float32(0), train=False)
+  _, _, loss, terms, images = run(own(gen_params), opt_state, i=steps, lr=np.float32(0),
+                                  train=False)
   accuracy = 100.0 * float(jnp.mean(jnp.argmax(terms.pop("logits"), -1) == state.targets))
   report = dict(misprediction_rate=100.0 - accuracy, target_accuracy=accuracy,
                 final_loss=float(loss), final_terms={k: float(v) for k, v in terms.items()},
