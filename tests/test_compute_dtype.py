@@ -3,7 +3,6 @@
 import jax
 import jax.extend
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from clamp_jax.models import build_model

@@ -34,7 +34,6 @@ from clamp_jax.quant.export import from_int, to_int
 from clamp_jax.quant.params import (ACTIVATION, LOG2, LOG_SQRT2, TWIN, UNIFORM, WEIGHT,
                                     SiteQuant, flatten, join, static_description, unflatten)
 from clamp_jax.quant.twin import twin_uniform_scale
-from clamp_jax.quant.uniform import int_range
 
 OBSERVERS = {"minmax": observers.minmax, "percentile": observers.percentile,
              "omse": observers.omse}

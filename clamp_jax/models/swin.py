@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 
 from clamp_jax.models.protocol import BlockGrid, block_name
-from clamp_jax.models.vit import (MlpBlock, PatchEmbedding, Projection, compute_dtype, matmul,
-                                  quant_site)
+from clamp_jax.models.vit import (MlpBlock, PatchEmbedding, Projection, attention_output,
+                                  compute_dtype, matmul, project_qkv, quant_site)
 
 Grid = Tuple[int, int]
 MASKED = -100.0  # timm's additive mask between tokens of different regions of a shifted window
@@ -107,28 +107,17 @@ class WindowAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[np.ndarray]) -> jax.Array:
-    d = x.shape[-1]
-    if d % self.num_heads:
-      raise ValueError(f"hidden size {d} is not divisible by num_heads={self.num_heads}")
-    head_dim = d // self.num_heads
     (wh, ww), n = self.window, x.shape[-2]
     table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
                        ((2 * wh - 1) * (2 * ww - 1), self.num_heads), jnp.float32)
     cd = self.compute_dtype
-    proj = lambda name: Projection((self.num_heads, head_dim), compute_dtype=cd, name=name)(x)
-    q = quant_site(self, "q", proj("query"))
-    k = quant_site(self, "k", proj("key"))
-    v = quant_site(self, "v", proj("value"))
-    logits = matmul("...qhd,...khd->...hqk", q, k, cd) * np.float32(head_dim ** -0.5)
+    q, k, v = project_qkv(self, x, self.num_heads, cd)
+    logits = matmul("...qhd,...khd->...hqk", q, k, cd) * np.float32(q.shape[-1] ** -0.5)
     bias = table[relative_position_index(self.window).reshape(-1)].reshape(n, n, -1)
     logits = logits + bias.transpose(2, 0, 1)
     if mask is not None:
       logits = logits + mask[:, None]  # [windows, 1, N, N] against [B, windows, heads, N, N]
-    logits = quant_site(self, "attn_logits", logits)
-    probs = quant_site(self, "attn_probs", jax.nn.softmax(logits, axis=-1))
-    attended = quant_site(self, "attn_v", matmul("...hqk,...khd->...qhd", probs, v, cd))
-    out = Projection(d, in_axes=2, compute_dtype=cd, name="out")(attended)
-    return quant_site(self, "attn_out", out)
+    return attention_output(self, logits, v, cd)
 
 
 class SwinBlock(nn.Module):

@@ -116,6 +116,31 @@ class PatchEmbedding(nn.Module):
     return y + bias
 
 
+def project_qkv(module: nn.Module, x: jax.Array, num_heads: int, compute_dtype: Any):
+  """`(q, k, v)`, each `[..., N, heads, head_dim]`: `module`'s `query`, `key`, `value`
+  projections of `x` through their sites. Called inside `module`'s compact `__call__`."""
+  d = x.shape[-1]
+  if d % num_heads:
+    raise ValueError(f"hidden size {d} is not divisible by num_heads={num_heads}")
+  shape = (num_heads, d // num_heads)
+  proj = lambda name: Projection(shape, compute_dtype=compute_dtype, name=name)(x)
+  return tuple(quant_site(module, site, proj(name))
+               for site, name in (("q", "query"), ("k", "key"), ("v", "value")))
+
+
+def attention_output(module: nn.Module, logits: jax.Array, v: jax.Array,
+                     compute_dtype: Any) -> jax.Array:
+  """The attention's output from the softmax input `logits` `[..., heads, N, N]`: softmax,
+  x `v`, `module`'s `out` projection, through the sites `attn_logits`, `attn_probs`, `attn_v`
+  and `attn_out`. Called inside `module`'s compact `__call__`."""
+  logits = quant_site(module, "attn_logits", logits)
+  probs = quant_site(module, "attn_probs", jax.nn.softmax(logits, axis=-1))
+  attended = quant_site(module, "attn_v", matmul("...hqk,...khd->...qhd", probs, v, compute_dtype))
+  out = Projection(v.shape[-2] * v.shape[-1], in_axes=2, compute_dtype=compute_dtype,
+                   name="out")(attended)
+  return quant_site(module, "attn_out", out)
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with `query`, `key`, `value`, `out` projections as in flax/vision_transformer."""
   num_heads: int
@@ -123,21 +148,10 @@ class MultiHeadDotProductAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.shape[-1]
-    if d % self.num_heads:
-      raise ValueError(f"hidden size {d} is not divisible by num_heads={self.num_heads}")
-    head_dim = d // self.num_heads
     cd = self.compute_dtype
-    proj = lambda name: Projection((self.num_heads, head_dim), compute_dtype=cd, name=name)(x)
-    q = quant_site(self, "q", proj("query"))
-    k = quant_site(self, "k", proj("key"))
-    v = quant_site(self, "v", proj("value"))
-    logits = matmul("...qhd,...khd->...hqk", q, k, cd) / np.sqrt(head_dim).astype(np.float32)
-    logits = quant_site(self, "attn_logits", logits)
-    probs = quant_site(self, "attn_probs", jax.nn.softmax(logits, axis=-1))
-    attended = quant_site(self, "attn_v", matmul("...hqk,...khd->...qhd", probs, v, cd))
-    out = Projection(d, in_axes=2, compute_dtype=cd, name="out")(attended)
-    return quant_site(self, "attn_out", out)
+    q, k, v = project_qkv(self, x, self.num_heads, cd)
+    logits = matmul("...qhd,...khd->...hqk", q, k, cd) / np.sqrt(q.shape[-1]).astype(np.float32)
+    return attention_output(self, logits, v, cd)
 
 
 class MlpBlock(nn.Module):
