@@ -15,7 +15,7 @@ import numpy as np
 from clamp_jax.models.protocol import ENCODER, block_name
 from clamp_jax.quant.params import flatten, replace_sites, unflatten
 from clamp_jax.search.budget import KINDS, Budget, matmuls, searched
-from clamp_jax.search.evaluator import block_sites
+from clamp_jax.search.evaluator import BlockEvaluator, block_sites
 from clamp_jax.search.mixed import BudgetError, MixedEvolQ, with_bits
 from clamp_jax.search.strategy import stack
 
@@ -30,9 +30,10 @@ def block_prefix(block: Optional[int]) -> str:
 def sensitivity_table(evaluator, strategy: MixedEvolQ, qparams: dict, images,
                       blocks: Sequence[Optional[int]], key: jax.Array) -> Table:
   """For every searched uniform site of `blocks`, the evaluator's score of `qparams` with that
-  site alone at each bit width of its range (the start's bits included)."""
-  table: Table = {}
+  site alone at each bit width of its range (the start's bits included). A `BlockEvaluator`
+  compiles all the blocks' programs first, in parallel (`search.precompile`)."""
   caches = evaluator.caches(qparams, images)
+  measured = []  # (block, the start's sites, the variants' population, their (path, bits))
   for block in blocks:
     start = flatten(block_sites(qparams, block))
     variants, labels = [start], [None]
@@ -44,11 +45,15 @@ def sensitivity_table(evaluator, strategy: MixedEvolQ, qparams: dict, images,
         if bits != int(np.asarray(site.bits)):
           variants.append(dict(start, **{path: with_bits(site, bits)}))
           labels.append((path, bits))
-    if len(variants) == 1:
-      continue
+    if len(variants) > 1:
+      measured.append((block, start, stack([unflatten(v) for v in variants]), labels))
+  if isinstance(evaluator, BlockEvaluator) and evaluator.cfg.get("precompile", True):
+    evaluator.precompile([(block, population) for block, _, population, _ in measured],
+                         qparams, caches, key)
+  table: Table = {}
+  for block, start, population, labels in measured:
     sample = evaluator.token_sample(jax.random.fold_in(key, block or 0), caches, block)
-    scores = np.asarray(evaluator.score(block, stack([unflatten(v) for v in variants]), qparams,
-                                        caches, sample), np.float64)
+    scores = np.asarray(evaluator.score(block, population, qparams, caches, sample), np.float64)
     for (path, bits), score in zip(labels[1:], scores[1:]):
       full = block_prefix(block) + path
       table.setdefault(full, {int(np.asarray(start[path].bits)): float(scores[0])})[bits] = score
