@@ -108,6 +108,24 @@ def test_block_cached_vmapped_scores_equal_whole_model_one_by_one(setup):
   assert len(set(np.round(np.asarray(scores), 6))) > 1
 
 
+def test_one_shared_program_scores_every_block_as_the_blocks_own_programs_do(setup):
+  model, params, images, qparams = setup
+  shared, own = (BlockEvaluator(model, params, search_config(**SMALL, share_programs=flag))
+                 for flag in (True, False))
+  assert shared.shares_programs(qparams) and not own.shares_programs(qparams)
+  caches = shared.caches(qparams, images)
+  for block in range(model.num_layers):  # the last block runs no block after it
+    population = EvolQ(population_size=5).initial_population(jax.random.PRNGKey(block),
+                                                             block_sites(qparams, block))
+    sample = shared.token_sample(jax.random.PRNGKey(0), caches, block)
+    np.testing.assert_allclose(shared.score(block, population, qparams, caches, sample),
+                               own.score(block, population, qparams, caches, sample), rtol=1e-6)
+  pinned = jax.tree_util.tree_map(lambda s: s, qparams)  # another layout in one block: own programs
+  pinned["Transformer"]["encoderblock_0"]["ln1"] = qparams["Transformer"]["encoderblock_0"][
+      "ln1"].replace(bit_range=(4, 4))
+  assert not shared.shares_programs(pinned)
+
+
 def test_chunked_evaluation_equals_vmapped(setup):
   model, params, images, qparams = setup
   population = EvolQ(population_size=5).initial_population(jax.random.PRNGKey(4),
@@ -158,11 +176,11 @@ def test_precompiled_programs_serve_the_whole_search_and_change_nothing(setup, m
 
   monkeypatch.setattr(BlockEvaluator, "precompile", marked)
   searched, _ = search(model, params, qparams, images, cfg)
-  scores = [during for during, name in compiled if name == "jit(_score)"]
-  assert scores == [True] * 4  # 2 blocks x (population of 4, 3 children), all before the search
+  scores = [during for during, name in compiled if name == "jit(_score_shared)"]
+  assert scores == [True] * 2  # the population of 4, the 3 children: all before the search
   compiled.clear()
   plain, _ = search(model, params, qparams, images, search_config(**dict(cfg, precompile=False)))
-  assert [name for _, name in compiled].count("jit(_score)") == 4  # compiled as they come
+  assert [name for _, name in compiled].count("jit(_score_shared)") == 2  # as they come
   for a, b in zip(flatten(searched).values(), flatten(plain).values()):
     np.testing.assert_array_equal(a.scale, b.scale)
 

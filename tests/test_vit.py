@@ -44,6 +44,23 @@ def test_intermediates_are_per_block_and_do_not_change_logits(tiny_cfg):
   assert not np.allclose(inter["block"][0], inter["attn"][0])
 
 
+def test_a_block_module_and_the_head_alone_rebuild_the_logits(tiny_cfg):
+  model = build_model(tiny_cfg)
+  params = random_params(tiny_cfg)
+  x = random_images(tiny_cfg, n=2)
+  logits, inter = model.apply({"params": params}, x, return_intermediates=True)
+  stream = inter["block_in"][0]
+  for i in range(tiny_cfg.num_layers):
+    stream, _ = model.block_module().apply(
+        {"params": params["Transformer"][f"encoderblock_{i}"]}, stream)
+    np.testing.assert_allclose(stream, inter["block"][i], atol=1e-5)
+  head = model.apply({"params": params}, stream, start_block=tiny_cfg.num_layers)
+  np.testing.assert_allclose(head, logits, atol=1e-5)
+  with pytest.raises(ValueError, match="runs no block"):
+    model.apply({"params": params}, stream, start_block=tiny_cfg.num_layers,
+                return_intermediates=True)
+
+
 def test_gap_pooling_has_no_class_token_and_uses_the_mean():
   cfg = tiny_model_config(pool="gap")
   params = random_params(cfg)

@@ -11,6 +11,9 @@ A model (`VisionTransformer`, `SwinTransformer`) implements:
   block `l`;
 - block `i`'s parameters and quantization sites under `Transformer/encoderblock_{i}`
   (`block_name`); the rest of the model is not searched.
+Optionally, where every block is the same module (the ViT): `block_module()`, one block as a
+module of its own, and `apply(v, x, start_block=L)`, the head alone; the search then scores
+every block with one program (`search/evaluator.py`).
 """
 
 import re

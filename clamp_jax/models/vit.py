@@ -254,12 +254,15 @@ class VisionTransformer(nn.Module):
     attention output before the residual) and "block" (the block output).
     With `start_block` set (0 included), `inputs` is instead the residual stream `[B, N, D]`
     entering that block (its "block_in"), and only blocks `start_block..L-1` and the head
-    run (intermediates cover those blocks): what a block-wise search needs.
+    run (intermediates cover those blocks): what a block-wise search needs. `start_block` =
+    `num_layers`: only the final LayerNorm and the head (no intermediates).
     """
     if self.pool not in ("tok", "gap"):
       raise ValueError(f"pool must be 'tok' or 'gap', got {self.pool!r}")
-    if start_block is not None and not 0 <= start_block < self.num_layers:
-      raise ValueError(f"start_block={start_block} outside 0..{self.num_layers - 1}")
+    if start_block is not None and not 0 <= start_block <= self.num_layers:
+      raise ValueError(f"start_block={start_block} outside 0..{self.num_layers}")
+    if start_block == self.num_layers and return_intermediates:
+      raise ValueError(f"start_block={start_block} runs no block, so it has no intermediates")
     x = self._tokens(inputs) if start_block is None else inputs
     x, intermediates = Encoder(self.num_layers, self.mlp_dim, self.num_heads,
                                self.layernorm_epsilon, self.gelu_approximate, self.compute_dtype,
@@ -274,6 +277,12 @@ class VisionTransformer(nn.Module):
                         compute_dtype=self.compute_dtype)(x)
     logits = quant_site(self, "logits", logits)
     return (logits, intermediates) if return_intermediates else logits
+
+  def block_module(self) -> Encoder1DBlock:
+    """One block as a module of its own: `block_module().apply({"params": params[ENCODER][
+    block_name(i)], "quant": ...}, x)` is block `i` (all blocks share the shape)."""
+    return Encoder1DBlock(self.mlp_dim, self.num_heads, self.layernorm_epsilon,
+                          self.gelu_approximate, self.compute_dtype, parent=None)
 
   def block_grids(self, image_size: int) -> Tuple[BlockGrid, ...]:
     """Every block's tokens (`models/protocol.py`): the class token, if any, then the patches."""

@@ -5,6 +5,9 @@ the current quantized model is cached (`Caches.block_inputs`), as are the FP tar
 outputs and logits, once per data refresh). Candidates then run blocks `l..L-1` and the head,
 `vmap`ped, in chunks of `chunk_size` (`lax.map`) when memory is short, and sharded over a
 `Mesh` with a `"pop"` axis (`shard_map`): every candidate sees the same images and tokens.
+A model whose blocks all share one module and QuantParams layout (the ViT: `block_module()`)
+runs them as one program for every `l` (`l` an argument, the blocks after it a `fori_loop`);
+otherwise (the Swin) each block compiles its own.
 The Fisher weights of the "fisher" block loss are cached too, only when that loss is used.
 """
 
@@ -127,6 +130,7 @@ class BlockEvaluator:
     self.model, self.params, self.cfg = model, params, cfg
     self.fitness = fitness or Fitness.from_config(cfg)
     self.mesh = mesh or population_mesh()
+    self.block_module = model.block_module() if hasattr(model, "block_module") else None
 
   def caches(self, qparams: dict, images: jax.Array) -> Caches:
     """Block inputs under `qparams` and the FP targets, from whole-model forwards (jitted)."""
@@ -156,11 +160,46 @@ class BlockEvaluator:
                                      start_block=block)
     return inter["block"][0], logits
 
-  def candidate_fitness(self, block: int, params, qparams: dict, caches: Caches,
-                        sample: jax.Array, candidate: dict) -> jax.Array:
-    """One candidate's fitness."""
-    q_block, logits = self.candidate_outputs(block, params, qparams, caches.block_inputs[block],
-                                             candidate)
+  def shared_outputs(self, block: jax.Array, params, qparams: dict, block_in: jax.Array,
+                     candidate: dict):
+    """`candidate_outputs` with `block` traced: block `block` (`block_module`, its params taken
+    by index), the blocks after it in a `fori_loop`, then the head alone."""
+    num_layers = self.model.num_layers
+    stacked = lambda tree: jax.tree_util.tree_map(
+        lambda *a: jnp.stack(a), *[tree[ENCODER][block_name(i)] for i in range(num_layers)])
+    block_params, block_qparams = stacked(params), stacked(qparams)
+    at = lambda tree, i: jax.tree_util.tree_map(lambda a: a[i], tree)
+    run = lambda i, quant, x: self.block_module.apply(
+        {"params": at(block_params, i), "quant": quant}, x)[0]
+    out = run(block, candidate, block_in)
+    x = jax.lax.fori_loop(block + 1, num_layers, lambda i, x: run(i, at(block_qparams, i), x),
+                          out)
+    logits = self.model.apply({"params": params, "quant": qparams}, x, start_block=num_layers)
+    return out, logits
+
+  def shares_programs(self, qparams: dict) -> bool:
+    """Whether one program scores every block: `config.search.share_programs`, a
+    `block_module` and the same QuantParams layout (sites and their static fields) in every
+    block."""
+    if self.block_module is None or not self.cfg.get("share_programs", True):
+      return False
+    layouts = {jax.tree_util.tree_structure(block_sites(qparams, i))
+               for i in range(self.model.num_layers)}
+    return len(layouts) == 1
+
+  def program(self, block: int, qparams: dict):
+    """`(jitted scorer, its block argument)`, the scorer called as `scorer(self, block argument,
+    params, population, qparams, caches, sample)`: the shared program with `block` as an array,
+    or block `block`'s own program."""
+    if self.shares_programs(qparams):
+      return BlockEvaluator._score_shared, jnp.asarray(block, jnp.int32)
+    return BlockEvaluator._score, block
+
+  def candidate_fitness(self, block, params, qparams: dict, caches: Caches,
+                        sample: jax.Array, candidate: dict, shared: bool = False) -> jax.Array:
+    """One candidate's fitness (`shared`: `block` is traced, see `shared_outputs`)."""
+    outputs = self.shared_outputs if shared else self.candidate_outputs
+    q_block, logits = outputs(block, params, qparams, caches.block_inputs[block], candidate)
     fisher = None if caches.fisher is None else caches.fisher[block]
     return self.fitness(q_block, caches.fp_blocks[block], logits, caches.fp_logits, sample,
                         fisher)
@@ -168,8 +207,9 @@ class BlockEvaluator:
   def score(self, block: int, population: dict, qparams: dict, caches: Caches,
             sample: jax.Array) -> jax.Array:
     """Fitness `[K]` of a population for `block`."""
+    scorer, block_arg = self.program(block, qparams)
     return score_sharded(
-        lambda pop: self._score(block, self.params, pop, qparams, caches, sample), population,
+        lambda pop: scorer(self, block_arg, self.params, pop, qparams, caches, sample), population,
         self.mesh)
 
   def precompile(self, calls: Sequence[Tuple[int, dict]], qparams: dict, caches: Caches,
@@ -180,9 +220,14 @@ class BlockEvaluator:
     `score` then finds them compiled."""
     def compile_one(call):
       block, population = call
+      scorer, block_arg = self.program(block, qparams)
       sample = self.token_sample(key, caches, block)
-      self._score.lower(self, block, self.params, shard_population(population, self.mesh),
-                        qparams, caches, sample).compile()
+      scorer.lower(self, block_arg, self.params, shard_population(population, self.mesh),
+                   qparams, caches, sample).compile()
+
+    if self.shares_programs(qparams):  # one program per population shape
+      shapes = lambda tree: tuple((a.shape, a.dtype) for a in jax.tree_util.tree_leaves(tree))
+      calls = list({shapes(population): (b, population) for b, population in calls}.values())
 
     # Processes of a multi-process run place the populations on their global mesh in step: one
     # thread each, in the same order.
@@ -194,4 +239,11 @@ class BlockEvaluator:
   def _score(self, block, params, population, qparams, caches, sample):
     """Params are an argument, not a closure, so they are not baked into the program."""
     one = functools.partial(self.candidate_fitness, block, params, qparams, caches, sample)
+    return map_sharded(one, population, self.mesh, self.cfg.chunk_size)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _score_shared(self, block, params, population, qparams, caches, sample):
+    """`_score` with `block` an argument: one program for every block."""
+    one = functools.partial(self.candidate_fitness, block, params, qparams, caches, sample,
+                            shared=True)
     return map_sharded(one, population, self.mesh, self.cfg.chunk_size)

@@ -47,6 +47,7 @@ def search_config(**overrides) -> ml_collections.ConfigDict:
       chunk_size=0,       # candidates per lax.map step on a device; 0: all at once (vmap)
       refresh_every=3,    # generations between data refreshes (the CLAMP cycle: C / 2); 0: never
       precompile=True,    # compile every block's evaluator program at once, in parallel threads
+      share_programs=True,  # one evaluator program for all blocks where they share a shape (ViT)
       seed=0))
   cfg.update(overrides)
   return cfg
