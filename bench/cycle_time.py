@@ -30,8 +30,8 @@ XLA compilation wherever it happened, the union of the spans `jax.monitoring` re
 of the part it happened in; "other": the rest), so the parts sum to the total. Peak memory:
 the device's `peak_bytes_in_use` where `memory_stats()` has it, else the process's max RSS.
 Candidates/s: candidates scored in the search over the "search" seconds. The evaluator's
-FLOP/s: XLA's cost analysis of its program (the middle block, K candidates, one device) over its
-best-of-3 time, against a square matmul of the compute dtype timed in the same process;
+FLOP/s: XLA's cost analysis of the middle block's program (K candidates, one device) over the
+best-of-3 time of the program the search runs for it, against a square matmul of the compute dtype timed in the same process;
 `--evaluator_populations` also measures it at those K (same block, images and QuantParams): how
 far more candidates per program fill the device. The rounding reconstruction (on at <= 4-bit
 weights and >= 4-bit activations) is not part of the timed cycle.
@@ -239,7 +239,10 @@ def candidates_scored(config, num_blocks: int) -> int:
 
 def evaluator_flops_per_s(config, model, params, state, populations) -> dict:
   """`{K: achieved FLOP/s}` of the search evaluator's program for each K of `populations`: the
-  middle block, K candidates, the run's final images and QuantParams, on one device."""
+  middle block, K candidates, the run's final images and QuantParams, on one device. The FLOPs
+  are XLA's cost analysis of the block's own (unrolled) program: it counts a `fori_loop`'s body
+  once, so the shared program's own count would be too low; the time is that of the program
+  the search runs (`BlockEvaluator.program`)."""
   evaluator = BlockEvaluator(model, params, config.search, population_mesh(jax.devices()[:1]))
   block = model.num_layers // 2
   caches = evaluator.caches(state.qparams, state.images)
@@ -250,12 +253,11 @@ def evaluator_flops_per_s(config, model, params, state, populations) -> dict:
     search.update(population=k, children=k, tournament=min(search.tournament, k))
     population = strategy_from(search, config.quant).initial_population(
         jax.random.PRNGKey(1), block_sites(state.qparams, block))
-    scorer, block_arg = evaluator.program(block, state.qparams)
-    args = (evaluator, block_arg, evaluator.params, population, state.qparams, caches, sample)
-    compiled = scorer.lower(*args).compile()
-    cost = compiled.cost_analysis()
+    args = (evaluator.params, population, state.qparams, caches, sample)
+    cost = BlockEvaluator._score.lower(evaluator, block, *args).compile().cost_analysis()
     flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
-    rates[k] = flops / best_time(lambda: scorer(*args))  # the jit cache holds `compiled`
+    scorer, block_arg = evaluator.program(block, state.qparams)
+    rates[k] = flops / best_time(lambda: scorer(evaluator, block_arg, *args))
   return rates
 
 
