@@ -43,11 +43,23 @@ def compute_dtype(model_cfg) -> Any:
   return jnp.dtype(name)
 
 
+def float32_accumulation(compute_dtype: Any) -> dict:
+  """The keyword a matmul takes to accumulate and return float32 from `compute_dtype` operands;
+  none for float32, so a float32 matmul stays exactly what it was (a qwix kernel included)."""
+  return {} if jnp.dtype(compute_dtype) == jnp.float32 else dict(
+      preferred_element_type=jnp.float32)
+
+
+def cast(x: jax.Array, compute_dtype: Any) -> jax.Array:
+  """`x` as a matmul operand in `compute_dtype` (float32: `x` itself)."""
+  return x if jnp.dtype(compute_dtype) == jnp.float32 else x.astype(compute_dtype)
+
+
 def matmul(spec: str, a: jax.Array, b: jax.Array, compute_dtype: Any) -> jax.Array:
-  """`einsum(spec, a, b)` with both operands cast to `compute_dtype` (float32: unchanged),
-  accumulated and returned in float32, so the quantizers around every matmul stay float32."""
-  return jnp.einsum(spec, a.astype(compute_dtype), b.astype(compute_dtype),
-                    preferred_element_type=jnp.float32)
+  """`einsum(spec, a, b)` with both operands in `compute_dtype`, accumulated and returned in
+  float32, so the quantizers around every matmul stay float32."""
+  return jnp.einsum(spec, cast(a, compute_dtype), cast(b, compute_dtype),
+                    **float32_accumulation(compute_dtype))
 
 
 def _quant_kernel(module: nn.Module, kernel: jax.Array, in_axes: int) -> jax.Array:
@@ -88,8 +100,9 @@ class Projection(nn.Module):
     bias = self.param("bias", self.bias_init, features, jnp.float32) if self.use_bias else None
     kernel = _quant_kernel(self, kernel, len(in_shape))
     contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
-    y = jax.lax.dot_general(x.astype(self.compute_dtype), kernel.astype(self.compute_dtype),
-                            (contract, ((), ())), preferred_element_type=jnp.float32)
+    cd = self.compute_dtype
+    y = jax.lax.dot_general(cast(x, cd), cast(kernel, cd), (contract, ((), ())),
+                            **float32_accumulation(cd))
     return y if bias is None else y + bias
 
 
