@@ -215,9 +215,9 @@ class BlockEvaluator:
   def precompile(self, calls: Sequence[Tuple[int, dict]], qparams: dict, caches: Caches,
                  key: jax.Array) -> None:
     """Compiles the program `score` runs for each `(block, population)` of `calls` (any values of
-    the shapes the search will pass), in parallel threads: the blocks' programs differ, and one
-    after the other they cost most of a search's first pass on an accelerator (BENCHMARKS.md).
-    `score` then finds them compiled."""
+    the shapes the search will pass; calls that need the same program count once), in parallel
+    threads: the blocks' programs differ, and one after the other they cost most of a search's
+    first pass on an accelerator (BENCHMARKS.md). `score` then finds them compiled."""
     def compile_one(call):
       block, population = call
       scorer, block_arg = self.program(block, qparams)
@@ -225,9 +225,13 @@ class BlockEvaluator:
       scorer.lower(self, block_arg, self.params, shard_population(population, self.mesh),
                    qparams, caches, sample).compile()
 
-    if self.shares_programs(qparams):  # one program per population shape
-      shapes = lambda tree: tuple((a.shape, a.dtype) for a in jax.tree_util.tree_leaves(tree))
-      calls = list({shapes(population): (b, population) for b, population in calls}.values())
+    shared = self.shares_programs(qparams)  # then one program per population shape
+
+    def program(block, population):  # what tells the programs of two calls apart
+      leaves, layout = jax.tree_util.tree_flatten(population)
+      return None if shared else block, layout, tuple((a.shape, a.dtype) for a in leaves)
+
+    calls = list({program(*call): call for call in calls}.values())
 
     # Processes of a multi-process run place the populations on their global mesh in step: one
     # thread each, in the same order.

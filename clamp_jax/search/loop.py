@@ -162,8 +162,7 @@ def precompile(evaluator: BlockEvaluator, strategy: EvolQ, qparams: dict, images
   for block in sorted(set(blocks)):
     population = strategy.initial_population(key, block_sites(qparams, block))
     children = strategy.ask(key, strategy.init(population, jnp.zeros(strategy.population_size)))
-    same = jax.eval_shape(lambda: children) == jax.eval_shape(lambda: population)
-    calls += [(block, population)] + ([] if same else [(block, children)])
+    calls += [(block, population), (block, children)]
   logging.info("compiling the evaluator's programs for %d blocks, in parallel", len(set(blocks)))
   evaluator.precompile(calls, qparams, caches, key)
   logging.info("compiled them in %.0fs", time.time() - t0)
