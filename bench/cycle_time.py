@@ -15,8 +15,10 @@ images (an image folder written for the run; the Fashion-MNIST configs read thei
 `--passes` P (0: the config's; fewer passes repeat less of the same per-pass work),
 `--variants` one config override `FIELD=VALUE` per extra row (`model.compute_dtype=bfloat16`:
 the matmuls' operands; `search.precompile=False`: each block's evaluator program compiled when
-the search reaches it). The first model runs at every K, image count and variant, the others
-at the first K and image count, each row in its own process (so its peak memory and
+the search reaches it; `reconstruct.share_programs=False`: a reconstruction program per block;
+`compilation_cache=DIR` twice: a run that fills jax's compilation cache, then one that reads it).
+The first model runs at every K, image count and variant, the others at the first K and image
+count, each row in its own process (so its peak memory and
 compilations are its own). After every block a row logs its split so far (a `split` JSON
 line), so a row stopped early still tells where its time went. `--quick`: `fmnist_vit:tiny`
 with the `tiny` config's schedule (refreshing every C/2 = 1 generation), a couple of minutes
@@ -24,7 +26,9 @@ on a CPU.
 
 Per row: wall time of the parts ("generation": the first, "calibration": the LayerNorm
 reparameterization and min-max, "refresh", "search": the rest of the block-wise search,
-"checkpoint": the run state saved after the start and every block, "evaluation": the min-max,
+"checkpoint": the run state saved after the start and every block, "reconstruction": the
+rounding reconstruction where the config turns it on (<= 4-bit weights and >= 4-bit activations,
+e.g. `--bits=w4a4`), "evaluation": the min-max,
 float and quantized top-1 with the export and report, "compile": jax's tracing, lowering and
 XLA compilation wherever it happened, the union of the spans `jax.monitoring` reports, taken out
 of the part it happened in; "other": the rest), so the parts sum to the total. Peak memory:
@@ -33,8 +37,7 @@ Candidates/s: candidates scored in the search over the "search" seconds. The eva
 FLOP/s: XLA's cost analysis of the middle block's program (K candidates, one device) over the
 best-of-3 time of the program the search runs for it, against a square matmul of the compute dtype timed in the same process;
 `--evaluator_populations` also measures it at those K (same block, images and QuantParams): how
-far more candidates per program fill the device. The rounding reconstruction (on at <= 4-bit
-weights and >= 4-bit activations) is not part of the timed cycle.
+far more candidates per program fill the device.
 """
 
 import ast
@@ -61,6 +64,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clamp_jax import pipeline  # noqa: E402
+from clamp_jax.compilation_cache import compilation_cache  # noqa: E402
 from clamp_jax.generate.config import METHODS as GENERATED_SOURCES  # noqa: E402
 from clamp_jax.models import build_model  # noqa: E402
 from clamp_jax.models.reparam import fold  # noqa: E402
@@ -68,6 +72,7 @@ from clamp_jax.run_state import RunCheckpoints  # noqa: E402
 from clamp_jax.search import BlockEvaluator, population_mesh  # noqa: E402
 from clamp_jax.search.evaluator import block_sites  # noqa: E402
 from clamp_jax.search.loop import search_order, strategy_from  # noqa: E402
+from clamp_jax.search.reconstruct import reconstruct  # noqa: E402
 
 flags.DEFINE_list("models", ["deit_s", "deit_t", "deit_b", "vit_b", "swin_t", "swin_s"],
                   "configs of configs/, NAME[:ARG]; the first one also runs every K and image count")
@@ -84,8 +89,8 @@ flags.DEFINE_string("row_out", "", "(internal) run the one row given, write its 
 FLAGS = flags.FLAGS
 
 QUICK = dict(models=["fmnist_vit:tiny"], populations=["4"], images=["8"])
-PHASES = ("generation", "calibration", "refresh", "search", "checkpoint", "evaluation",
-          "compile", "other")
+PHASES = ("generation", "calibration", "refresh", "search", "checkpoint", "reconstruction",
+          "evaluation", "compile", "other")
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
@@ -277,8 +282,9 @@ def run_row(spec: str, population: int, num_images: int, variant: str) -> dict:
   def log(message):
     print(f"[{label}] {message}", file=sys.stderr, flush=True)
 
-  with tempfile.TemporaryDirectory() as tmp:
+  with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
     config = row_config(spec, population, num_images, variant, os.path.join(tmp, "data"))
+    stack.enter_context(compilation_cache(config.compilation_cache))
     model = build_model(config.model)
     params = random_params(model, config)
     workdir = os.path.join(tmp, "run")
@@ -291,8 +297,12 @@ def run_row(spec: str, population: int, num_images: int, variant: str) -> dict:
     with clock("search"):
       state = pipeline.run_search(config, model, params, state, checkpoints, workdir,
                                   phase=clock)
+    rounded = None
+    if config.reconstruct.enabled:
+      with clock("reconstruction"):
+        rounded, _ = reconstruct(model, params, state.qparams, state.images, config.reconstruct)
     with clock("evaluation"):
-      pipeline.finish(config, model, params, state, workdir)
+      pipeline.finish(config, model, params, state, workdir, rounded)
     times = clock.split()
     checkpoints.close()
     log(f"done ({times['total']:.0f}s); measuring the evaluator and a matmul")

@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 import clamp_jax
 from clamp_jax import files
+from clamp_jax.compilation_cache import check as check_cache, compilation_cache
 from clamp_jax.evaluate import evaluate_params
 from clamp_jax.generate.config import METHODS as GENERATED_SOURCES
 from clamp_jax.models import build_model
@@ -237,13 +238,17 @@ def main(argv):
   if config.get("distributed"):  # multi-host: every process runs this same command
     jax.distributed.initialize()
   logging.get_absl_handler().addFilter(shown_on_console)
+  cache = config.get("compilation_cache", "")
   with user_errors(PREFLIGHT_ERRORS):
-    prepare(config, mode)
-  os.makedirs(workdir, exist_ok=True)
-  with user_errors(RUN_ERRORS), workdir_held(config, workdir):
-    record_config(config, workdir, mode)
-    logging.debug("config:\n%s", config)
-    MODES[mode](config, workdir)
+    check_cache(cache)
+  with compilation_cache(cache):  # before anything compiles
+    with user_errors(PREFLIGHT_ERRORS):
+      prepare(config, mode)
+    os.makedirs(workdir, exist_ok=True)
+    with user_errors(RUN_ERRORS), workdir_held(config, workdir):
+      record_config(config, workdir, mode)
+      logging.debug("config:\n%s", config)
+      MODES[mode](config, workdir)
 
 
 def run() -> None:

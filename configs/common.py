@@ -89,6 +89,7 @@ def fmnist_config(model: ml_collections.ConfigDict, args: set, tiny_model: dict,
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.distributed = False  # True: jax.distributed.initialize() first (multi-host)
+  config.compilation_cache = ""  # a folder: compiled programs kept there for later runs
   config.model = model
   config.data = ml_collections.ConfigDict(dict(
       name="fashion_mnist", dir="", mean=0.2860, std=0.3530, preset="", tfds_name=""))
@@ -130,6 +131,7 @@ def imagenet_config(model_name: str, preset: str, arg: str = "") -> ml_collectio
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.distributed = False  # True: jax.distributed.initialize() first (multi-host TPU/GPU)
+  config.compilation_cache = ""  # a folder: compiled programs kept there for later runs
   config.model = swin_config(model_name) if model_name in SWIN_PRESETS else model_config(model_name)
   config.data = ml_collections.ConfigDict(dict(
       name="folder", dir="", mean=mean, std=std, preset=preset, tfds_name=""))

@@ -1,4 +1,5 @@
-"""bench/cycle_time.py --quick: the whole cycle on the tiny config, every part timed."""
+"""bench/cycle_time.py --quick: the whole cycle on the tiny config at W4/A4 (so the rounding
+reconstruction runs too), every part timed."""
 
 import json
 import os
@@ -7,14 +8,15 @@ import sys
 
 from conftest import LAUNCH_TIMEOUT, ROOT
 
-PARTS = ("generation", "calibration", "refresh", "search", "checkpoint", "evaluation", "compile")
+PARTS = ("generation", "calibration", "refresh", "search", "checkpoint", "reconstruction",
+         "evaluation", "compile")
 
 
 def test_quick_cycle_time(tmp_path):
   out = tmp_path / "rows.json"
   result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cycle_time.py"),
-                           "--quick", f"--json_out={out}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=LAUNCH_TIMEOUT)
+                           "--quick", "--bits=w4a4", f"--json_out={out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| model | variant | P | K | N | generation |" in result.stdout
   [row] = json.loads(out.read_text())

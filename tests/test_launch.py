@@ -1,6 +1,7 @@
 """launch.py end to end, in subprocesses as a user runs it."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -145,3 +146,26 @@ def test_distributed_config_initialises_jax_distributed_first(monkeypatch, tmp_p
     module.main(["launch.py"])
   assert not workdir.exists()
   module.FLAGS.unparse_flags()
+
+
+def test_compilation_cache_serves_the_next_run(tmp_path):
+  args = ("--config=configs/fmnist_vit.py:tiny,minmax", "--config.calib.source=gaussian",
+          f"--config.compilation_cache={tmp_path}/xla")
+  first = launch(*args, f"--workdir={tmp_path}/first")
+  counts = lambda out: [int(n) for n in re.search(
+      r"compilation cache \S+: (\d+) programs read from it .*, (\d+) compiled and written",
+      out.stderr).groups()]
+  read, written = counts(first)
+  assert read == 0 and written > 0 and len(os.listdir(tmp_path / "xla")) > 0
+  second = launch(*args, f"--workdir={tmp_path}/second")
+  read, written = counts(second)
+  assert read > 0 and written < read  # what the first compiled, the second reads
+  results = [read_json(tmp_path / run / "results.json") for run in ("first", "second")]
+  assert results[0]["quant_top1"] == results[1]["quant_top1"]
+
+
+def test_compilation_cache_on_a_file_is_named(tmp_path):
+  (tmp_path / "file").write_text("")
+  result = launch("--config=configs/fmnist_vit.py:tiny", "--mode=eval", f"--workdir={tmp_path}",
+                  f"--config.compilation_cache={tmp_path}/file", check=False)
+  assert result.returncode == 2 and "config.compilation_cache" in result.stderr

@@ -1,5 +1,6 @@
 """AdaRound's quantizer and the block-wise rounding reconstruction (`config.reconstruct`)."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +52,11 @@ def test_penalty_vanishes_at_hard_choices_and_gradient_reaches_the_logits():
 @pytest.fixture(scope="module")
 def tiny():
   return calibrated_tiny(quant_config(w_bits=3, a_bits=4))[1:]
+
+
+def flatten_params(params) -> dict:
+  """`{"a/b/kernel": array}` of a params tree."""
+  return flax.traverse_util.flatten_dict(params, sep="/")
 
 
 def block_error(model, params, qparams, images, block):
@@ -113,3 +119,31 @@ def test_the_cycle_reconstructs_by_default_at_low_bit_weights_and_4_bit_activati
   from configs import deit_s, fmnist_vit
   assert fmnist_vit.get_config(arg).reconstruct.enabled == enabled
   assert deit_s.get_config(arg).reconstruct.enabled == enabled
+
+
+def test_one_program_reconstructs_every_block_as_the_blocks_own_programs_do(tiny, request):
+  model, params, images, qparams = tiny
+  compiled = []  # the name of each XLA compilation
+
+  def listen(event, _, fun_name="", **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(fun_name)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  request.addfinalizer(lambda: jax.monitoring.unregister_event_duration_listener(listen))
+  cfg = reconstruct_config(steps=20, lr=5e-2, embedding=False)
+  shared, shared_history = reconstruct(model, params, qparams, images, cfg)
+  assert compiled.count("jit(_step)") == 1  # both blocks
+  compiled.clear()
+  own, own_history = reconstruct(model, params, qparams, images,
+                                 reconstruct_config(**dict(cfg, share_programs=False)))
+  assert compiled.count("jit(_step)") == 2  # one per block
+  for block in range(2):
+    for path in block_weight_sites(qparams, block):
+      a, b = (flatten_params(p)[path] for p in (shared, own))
+      step = flatten(qparams)[path].scale
+      # the same rounding, up to an element whose logit sits at the threshold in float noise
+      differ = np.abs(np.asarray(a) - np.asarray(b)).reshape(-1, step.shape[-1]) > 1e-3 * step
+      assert differ.mean() < 1e-3, path
+  for a, b in zip(shared_history, own_history):
+    np.testing.assert_allclose([a["before"], a["after"]], [b["before"], b["after"]], rtol=1e-3)

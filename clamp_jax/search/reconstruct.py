@@ -10,11 +10,13 @@ so fake-quantizing them again changes nothing, and the export and `--mode=eval` 
 other params.
 """
 
+import dataclasses
 import functools
-from typing import Callable, Dict
+from typing import Dict
 
 from absl import logging
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,7 +27,7 @@ from clamp_jax.models.protocol import ENCODER, block_name
 from clamp_jax.models.vit import OBSERVE
 from clamp_jax.quant import adaround
 from clamp_jax.quant.params import WEIGHT, flatten, unflatten
-from clamp_jax.search.evaluator import PerBlock, fisher_weights
+from clamp_jax.search.evaluator import PerBlock, block_sites, fisher_weights
 
 
 LOSSES = ("fisher", "mse")
@@ -47,6 +49,9 @@ def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
       # Each element of the block's input is the quantized stream's with this probability, else
       # the float stream's: 1.0 BRECQ (the quantized stream), 0.5 QDrop, 0.0 the float stream.
       quantized_input=1.0,
+      # One program for every block of a model with `block_module()` (our ViT), rather than
+      # one per block: the same rounding, compiled once.
+      share_programs=True,
       seed=0))
   cfg.update(overrides)
   return cfg
@@ -84,6 +89,11 @@ def _flat(params) -> dict:
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
 
 
+def _with(params: dict, kernels: dict) -> dict:
+  """`params` with the kernels `{path: kernel}` in place."""
+  return flax.traverse_util.unflatten_dict(dict(_flat(params), **kernels), sep="/")
+
+
 def _rounded(kernels: dict, logits: dict, sites: dict, hard: bool) -> dict:
   """`{path: kernel}` on each site's grid, rounded as the logits say."""
   out = {}
@@ -96,60 +106,119 @@ def _rounded(kernels: dict, logits: dict, sites: dict, hard: bool) -> dict:
   return out
 
 
-def _beta(cfg, step):
-  """The penalty's exponent: `beta_start` after the warmup, annealed to `beta_end`."""
-  begin = cfg.warmup * cfg.steps
-  frac = jnp.clip((step - begin) / jnp.maximum(cfg.steps - begin, 1.0), 0.0, 1.0)
-  return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1.0 - frac)
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """The optimizer's settings of `config.reconstruct`, hashable: a static argument of `_step`."""
+  steps: int
+  lr: float
+  penalty: float
+  beta_start: float
+  beta_end: float
+  warmup: float
+  quantized_input: float
+
+  @classmethod
+  def of(cls, cfg: ml_collections.ConfigDict) -> "Schedule":
+    return cls(**{field.name: cfg[field.name] for field in dataclasses.fields(cls)})
+
+  def beta(self, step):
+    """The penalty's exponent: `beta_start` after the warmup, annealed to `beta_end`."""
+    begin = self.warmup * self.steps
+    frac = jnp.clip((step - begin) / jnp.maximum(self.steps - begin, 1.0), 0.0, 1.0)
+    return self.beta_end + (self.beta_start - self.beta_end) * (1.0 - frac)
 
 
-def learn_rounding(sites: dict, params: dict, unit_out: Callable, x: jax.Array,
-                   x_fp: jax.Array, target: jax.Array, weights: jax.Array,
-                   cfg: ml_collections.ConfigDict, key: jax.Array):
-  """`({kernel path: rounded kernel}, {"before", "after"})`: the kernels of `sites` rounded so
-  that `unit_out(params, x)` matches `target`, and the weighted mean squared error (hard
-  rounding, from `x`) before (nearest rounding) and after. Each step's input takes each element
-  from `x` with probability `cfg.quantized_input`, else from `x_fp`."""
-  flat_params = _flat(params)
-  kernels = {path: flat_params[path] for path in sites}
+# A unit's output is `unit(frozen, kernels, x)`: `frozen` = (the params, the activation
+# QuantParams) it reads, `kernels` the ones being rounded ({path in those params: kernel}), `x`
+# its input. Units are hashable static arguments of `_error` and `_step`: equal units share
+# their programs.
 
-  def out(rounded, x):
-    return unit_out(flax.traverse_util.unflatten_dict(dict(flat_params, **rounded), sep="/"), x)
 
-  def error(rounded, x, y, w):
-    return jnp.mean(w * jnp.square(out(rounded, x) - y))
+@dataclasses.dataclass(frozen=True)
+class EmbeddingUnit:
+  """The patch embedding's output (site `patch_embed`) of images."""
+  model: nn.Module
 
-  def loss(logits, beta, use_penalty, x, y, w):
+  def __call__(self, frozen, kernels, x):
+    params, quant = frozen
+    return patch_embedding(self.model, {"params": _with(params, kernels), "quant": quant}, x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBlockUnit:
+  """Block `block`'s output from the stream entering it, run by the whole model (a program per
+  block)."""
+  model: nn.Module
+  block: int
+
+  def __call__(self, frozen, kernels, x):
+    params, quant = frozen
+    _, inter = self.model.apply({"params": _with(params, kernels), "quant": quant}, x,
+                                return_intermediates=True, start_block=self.block)
+    return inter["block"][0]
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedBlockUnit:
+  """A block's output from the stream entering it, run by the model's `block_module()` on that
+  block's params and QuantParams: one program for all blocks of one layout."""
+  module: nn.Module
+
+  def __call__(self, frozen, kernels, x):
+    params, quant = frozen
+    return self.module.apply({"params": _with(params, kernels), "quant": quant}, x)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _error(unit, frozen, kernels, x, y, w):
+  """Weighted mean squared error of the unit's output against `y`."""
+  return jnp.mean(w * jnp.square(unit(frozen, kernels, x) - y))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _step(unit, schedule: Schedule, logits, opt_state, i, frozen, kernels, sites, x, x_fp, y, w,
+          key):
+  """One Adam step on the rounding logits, each input element drawn from `x` with probability
+  `schedule.quantized_input`, else from `x_fp`."""
+  def loss(logits, x):
     rounded = _rounded(kernels, logits, sites, hard=False)
-    rec = jnp.sum(w * jnp.square(out(rounded, x) - y)) / x.shape[0]
-    penalty = sum(adaround.rounding_penalty(v, beta) for v in logits.values())
-    return rec + use_penalty * cfg.penalty * penalty
+    rec = jnp.sum(w * jnp.square(unit(frozen, rounded, x) - y)) / x.shape[0]
+    penalty = sum(adaround.rounding_penalty(v, schedule.beta(i)) for v in logits.values())
+    use_penalty = (i >= schedule.warmup * schedule.steps).astype(jnp.float32)
+    return rec + use_penalty * schedule.penalty * penalty
 
-  optimizer = optax.adam(cfg.lr)
+  x = jnp.where(jax.random.bernoulli(key, schedule.quantized_input, x.shape), x, x_fp)
+  updates, opt_state = optax.adam(schedule.lr).update(jax.grad(loss)(logits, x), opt_state,
+                                                      logits)
+  return optax.apply_updates(logits, updates), opt_state
 
-  @jax.jit
-  def step(logits, opt_state, i, x, x_fp, y, w, key):
-    x = jnp.where(jax.random.bernoulli(key, cfg.quantized_input, x.shape), x, x_fp)
-    use_penalty = (i >= cfg.warmup * cfg.steps).astype(jnp.float32)
-    grads = jax.grad(loss)(logits, _beta(cfg, i), use_penalty, x, y, w)
-    updates, opt_state = optimizer.update(grads, opt_state, logits)
-    return optax.apply_updates(logits, updates), opt_state
 
+def learn_rounding(unit, frozen, sites: dict, x: jax.Array, x_fp: jax.Array, target: jax.Array,
+                   weights: jax.Array, cfg: ml_collections.ConfigDict, key: jax.Array):
+  """`({kernel path: rounded kernel}, {"before", "after"})`: the kernels of `sites` (paths in
+  `frozen`'s params) rounded so that the unit's output from `x` matches `target`, and the
+  weighted mean squared error (hard rounding, from `x`) before (nearest rounding) and after.
+  Each step's input takes each element from `x` with probability `cfg.quantized_input`, else
+  from `x_fp`."""
+  flat_params = _flat(frozen[0])
+  kernels = {path: flat_params[path] for path in sites}
+  schedule = Schedule.of(cfg)
   view = lambda path: kernels[path].reshape(-1, sites[path].scale.shape[-1])
   logits = {path: adaround.init_logits(view(path), sites[path].scale) for path in kernels}
   nearest = {path: sites[path](view(path)).reshape(kernels[path].shape) for path in kernels}
-  before = float(jax.jit(error)(nearest, x, target, weights))
-  opt_state = optimizer.init(logits)
+  before = float(_error(unit, frozen, nearest, x, target, weights))
+  opt_state = optax.adam(schedule.lr).init(logits)
   n = x.shape[0]
   batch = cfg.batch_size or n
   batch_key, drop_key = jax.random.split(key)
   for i in range(cfg.steps):
     idx = (jax.random.choice(jax.random.fold_in(batch_key, i), n, (batch,), replace=False)
            if batch < n else slice(None))
-    logits, opt_state = step(logits, opt_state, jnp.asarray(i, jnp.float32), x[idx], x_fp[idx],
-                             target[idx], weights[idx], jax.random.fold_in(drop_key, i))
+    logits, opt_state = _step(unit, schedule, logits, opt_state, jnp.asarray(i, jnp.float32),
+                              frozen, kernels, sites, x[idx], x_fp[idx], target[idx],
+                              weights[idx], jax.random.fold_in(drop_key, i))
   rounded = jax.tree_util.tree_map(np.asarray, _rounded(kernels, logits, sites, hard=True))
-  after = float(jax.jit(error)(rounded, x, target, weights))
+  after = float(_error(unit, frozen, rounded, x, target, weights))
   return rounded, dict(before=before, after=after)
 
 
@@ -163,11 +232,9 @@ def reconstruct_embedding(model, params: dict, qparams: dict, images: jax.Array,
   """The patch embedding's kernel rounded so that its output (site `patch_embed`) on the
   (quantized) images matches the float model's: `learn_rounding`'s result."""
   sites = {p: s for p, s in flatten(qparams).items() if p == EMBEDDING_KERNEL}
-  act_qparams = _without(qparams, sites)
-  unit_out = lambda p, x: patch_embedding(model, {"params": p, "quant": act_qparams}, x)
   target = patch_embedding(model, {"params": params}, images)
-  return learn_rounding(sites, params, unit_out, images, images, target,
-                        jnp.ones(target.shape), cfg, key)
+  return learn_rounding(EmbeddingUnit(model), (params, _without(qparams, sites)), sites, images,
+                        images, target, jnp.ones(target.shape), cfg, key)
 
 
 def patch_embedding(model, variables: dict, images: jax.Array) -> jax.Array:
@@ -176,21 +243,31 @@ def patch_embedding(model, variables: dict, images: jax.Array) -> jax.Array:
   return state[OBSERVE]["patch_embed"][0]
 
 
+def shares_programs(model, qparams: dict, cfg: ml_collections.ConfigDict) -> bool:
+  """Whether one program reconstructs every block: `config.reconstruct.share_programs`, a model
+  with `block_module()` and the same QuantParams layout in every block."""
+  if not cfg.share_programs or not hasattr(model, "block_module"):
+    return False
+  return len({jax.tree_util.tree_structure(block_sites(qparams, i))
+              for i in range(model.num_layers)}) == 1
+
+
 def reconstruct_block(model, params: dict, qparams: dict, block: int, block_in: jax.Array,
                       fp_block_in: jax.Array, target: jax.Array, weights: jax.Array,
                       cfg: ml_collections.ConfigDict, key: jax.Array):
   """Block `block`'s kernels rounded so that its output from the stream `block_in` (and
-  `fp_block_in`, see `learn_rounding`) matches `target`: `learn_rounding`'s result."""
+  `fp_block_in`, see `learn_rounding`) matches `target`: `learn_rounding`'s result, the kernels
+  named by their paths in the whole model's params."""
   sites = block_weight_sites(qparams, block)
-  act_qparams = _without(qparams, sites)
-
-  def unit_out(variables_params, x):
-    _, inter = model.apply({"params": variables_params, "quant": act_qparams}, x,
-                           return_intermediates=True, start_block=block)
-    return inter["block"][0]
-
-  return learn_rounding(sites, params, unit_out, block_in, fp_block_in, target, weights, cfg,
-                        key)
+  if not shares_programs(model, qparams, cfg):
+    return learn_rounding(ModelBlockUnit(model, block), (params, _without(qparams, sites)),
+                          sites, block_in, fp_block_in, target, weights, cfg, key)
+  prefix = f"{ENCODER}/{block_name(block)}/"
+  local = {path[len(prefix):]: site for path, site in sites.items()}
+  frozen = (params[ENCODER][block_name(block)], _without(block_sites(qparams, block), local))
+  rounded, errors = learn_rounding(SharedBlockUnit(model.block_module()), frozen, local,
+                                   block_in, fp_block_in, target, weights, cfg, key)
+  return {prefix + path: kernel for path, kernel in rounded.items()}, errors
 
 
 @functools.partial(jax.jit, static_argnums=0)
