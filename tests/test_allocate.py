@@ -8,7 +8,7 @@ import pytest
 from clamp_jax.models.quantized import apply_quantized
 from clamp_jax.quant.params import WEIGHT, flatten, unflatten
 from clamp_jax.search import Budget, MixedEvolQ, search, search_config
-from clamp_jax.search.allocate import allocate, sensitivity_start, sensitivity_table
+from clamp_jax.search.allocate import allocate, sensitivity_start, sensitivity_table, trade
 from clamp_jax.search.budget import counted, report
 from clamp_jax.search.evaluator import BlockEvaluator
 from clamp_jax.search.fitness import Fitness, kl
@@ -103,6 +103,26 @@ def test_allocation_buys_the_largest_loss_reduction_per_cost_within_the_budget(s
   # a site whose raise buys nothing keeps its lowest bits, whatever the budget left
   flat = {p: {2: 1.0, 3: 1.0, 4: 1.0} for p in weights}
   assert set(allocate(flat, qparams, budget).values()) == {2}
+
+
+def test_trades_start_from_the_measured_bits_and_keep_only_moves_that_pay(setup):
+  *_, qparams = setup  # every site at 4 bits: the budget of uniform W4/A4 is met exactly
+  budget = Budget.of(qparams, 1.0, "both", bits=(4, 4))
+  weights = [p for p, s in flatten(qparams).items()
+             if s.kind == WEIGHT and "encoderblock" in p]
+  sensitive, cheap, rest = weights[0], weights[1], weights[2:]
+  table = {p: {3: 1.5, 4: 1.0, 5: 0.9} for p in rest}  # lowering costs more than raising buys
+  table[sensitive] = {3: 3.0, 4: 1.0, 5: 0.2, 6: 0.1}
+  table[cheap] = {3: 1.01, 4: 1.0, 5: 1.0}
+  bits = trade(table, qparams, budget)
+  assert bits[sensitive] == 5 and bits[cheap] == 3  # the one trade that pays, one bit each way
+  assert all(bits[p] == 4 for p in rest)
+  chosen = unflatten({p: with_bits(s, bits[p]) if p in bits else s
+                      for p, s in flatten(qparams).items()})
+  assert budget.allows(chosen)
+  # where every move costs loss, the start's bits stay
+  flat = {p: {3: 2.0, 4: 1.0, 5: 1.0} for p in weights}
+  assert set(trade(flat, qparams, budget).values()) == {4}
 
 
 def test_a_budget_below_the_lowest_bits_is_named(setup):

@@ -47,7 +47,7 @@ MATMUL_INPUT_SITES = ("image", "ln1", "q", "k", "v", "attn_probs", "attn_v", "ln
                       "merge_ln", "head_in", "pre_logits_out")
 NOT_IN_ALL = ("head_in",)  # sites the `all` protocol (the paper's release) does not quantize
 BUDGET_KINDS = ("size", "bops", "both")
-MP_STARTS = ("lowered", "sensitivity")  # config.quant.mp_start
+MP_STARTS = ("lowered", "sensitivity", "trades")  # config.quant.mp_start
 ACTIVATION_FIELDS = ("scale", "zero_point", "bits")  # what the export keeps of an activation site
 SITES_KEY = "quant_sites.json"  # the export's entry of every site's static description
 
@@ -75,7 +75,8 @@ def quant_config(**overrides) -> ml_collections.ConfigDict:
       # of the uniform W{budget_w_bits}/A{budget_a_bits} model's size (params x w_bits), BOPs
       # (MACs x w_bits x a_bits) or both. The search starts from the preset's bits lowered into
       # the budget (mp_start="lowered") or from bits allocated by each site's measured
-      # sensitivity ("sensitivity", search/allocate.py).
+      # sensitivity (search/allocate.py): greedily from the lowest bits ("sensitivity") or by
+      # one-bit trades from the preset's bits ("trades").
       mixed=False, w_bits_min=2, w_bits_max=8, a_bits_min=4, a_bits_max=8,
       bit_mutation_prob=0.2, budget=1.0, budget_kind="size", budget_w_bits=4, budget_a_bits=8,
       mp_start="lowered",

@@ -60,29 +60,54 @@ def sensitivity_table(evaluator, strategy: MixedEvolQ, qparams: dict, images,
   return table
 
 
+class BitCosts:
+  """Each site's bits and the model's costs that `budget` counts, changed a few sites at a time."""
+
+  def __init__(self, qparams: dict, budget: Budget, paths):
+    sites = flatten(qparams)
+    self.terms = matmuls(sites)
+    self.bits = {path: float(np.asarray(site.bits)) for path, site in sites.items()}
+    self.involved = {path: [m for m in self.terms if path in (m.kernel, m.source)]
+                     for path in paths}
+    self.kinds = KINDS[budget.kind]
+    self.limit = (budget.limit * budget.reference)[self.kinds]
+    self.current = self.costs_with({})
+
+  def costs_with(self, moves: Dict[str, float], terms=None) -> np.ndarray:
+    """`[2]`: the costs of `terms` (default: all) with the sites of `moves` at their new bits."""
+    bits_of = lambda path: moves.get(path, self.bits[path])
+    return sum((np.array(m.cost(bits_of)) for m in (self.terms if terms is None else terms)),
+               np.zeros(2))
+
+  def change(self, moves: Dict[str, float]) -> np.ndarray:
+    """`[2]`: how much the costs change with the sites of `moves` at their new bits."""
+    terms = {id(m): m for path in moves for m in self.involved[path]}.values()
+    return self.costs_with(moves, terms) - self.costs_with({}, terms)
+
+  def fits(self, extra: np.ndarray) -> bool:
+    return bool(np.all((self.current + extra)[self.kinds] <= self.limit))
+
+  def spent(self, extra: np.ndarray) -> float:
+    """The fraction of the budget `extra` spends (summed over the counted costs)."""
+    return float(np.sum(extra[self.kinds] / self.limit))
+
+  def apply(self, moves: Dict[str, float], extra: np.ndarray) -> None:
+    self.bits.update(moves)
+    self.current = self.current + extra
+
+
 def allocate(table: Table, qparams: dict, budget: Budget) -> Dict[str, int]:
   """Bits for the sites of `table`: all at their lowest, then, one site at a time, the raise
   with the largest loss reduction per fraction of the budget it spends, while one fits.
 
   Raises BudgetError when even the lowest bits exceed the budget."""
-  sites = flatten(qparams)
-  terms = matmuls(sites)
-  bits = {path: float(np.asarray(site.bits)) for path, site in sites.items()}
-  bits.update({path: min(losses) for path, losses in table.items()})
-  involved = {path: [m for m in terms if path in (m.kernel, m.source)] for path in table}
-  counted_kinds = KINDS[budget.kind]
-  limit = budget.limit * budget.reference
-
-  def change(path, new_bits):  # costs with `path` at `new_bits` minus the costs now
-    def after(site):
-      return new_bits if site == path else bits[site]
-    return sum((np.subtract(m.cost(after), m.cost(bits.__getitem__)) for m in involved[path]),
-               np.zeros(2))
-
-  current = sum((np.array(m.cost(bits.__getitem__)) for m in terms), np.zeros(2))
-  if np.any(current[counted_kinds] > limit[counted_kinds]):
+  state = BitCosts(qparams, budget, table)
+  state.bits.update({path: min(losses) for path, losses in table.items()})
+  state.current = state.costs_with({})
+  if not state.fits(np.zeros(2)):
     raise BudgetError(f"config.quant.budget={budget.limit} ({budget.kind}) is out of reach "
                       "with every searched site at its lowest bits")
+  bits = state.bits
   while True:
     best = None
     for path, losses in table.items():
@@ -90,24 +115,56 @@ def allocate(table: Table, qparams: dict, budget: Budget) -> Dict[str, int]:
         gain = losses[bits[path]] - loss
         if new_bits <= bits[path] or gain <= 0:
           continue
-        extra = change(path, new_bits)
-        if np.any((current + extra)[counted_kinds] > limit[counted_kinds]):
+        extra = state.change({path: new_bits})
+        if not state.fits(extra):
           continue
-        spent = float(np.sum(extra[counted_kinds] / limit[counted_kinds]))
-        ratio = gain / max(spent, 1e-12)
+        ratio = gain / max(state.spent(extra), 1e-12)
         if best is None or ratio > best[0]:
-          best = (ratio, path, new_bits, extra)
+          best = (ratio, {path: new_bits}, extra)
     if best is None:
       return {path: int(bits[path]) for path in table}
-    _, path, new_bits, extra = best
-    bits[path], current = new_bits, current + extra
+    state.apply(*best[1:])
+
+
+def trade(table: Table, qparams: dict, budget: Budget) -> Dict[str, int]:
+  """Bits for the sites of `table` from the bits they have in `qparams` (where the table was
+  measured, so its losses hold there best): repeatedly the one-bit move of one site, or a site
+  lowered by one bit with another raised by one, that fits the budget and lowers the table's
+  summed loss the most, while one lowers it."""
+  state = BitCosts(qparams, budget, table)
+  bits = state.bits
+  delta = lambda path, new: table[path][new] - table[path][bits[path]]  # loss change
+
+  def steps(path):
+    return [new for new in (bits[path] - 1, bits[path] + 1) if new in table[path]]
+
+  while True:
+    best = None
+    singles = [{path: new} for path in table for new in steps(path)]
+    downs = [(path, new) for path in table for new in steps(path) if new < bits[path]]
+    ups = [(path, new) for path in table for new in steps(path) if new > bits[path]]
+    pairs = [{down: a, up: b} for down, a in downs for up, b in ups if up != down]
+    for moves in singles + pairs:
+      gain = -sum(delta(path, new) for path, new in moves.items())
+      if gain <= 1e-12 or (best is not None and gain <= best[0]):
+        continue
+      extra = state.change(moves)
+      if state.fits(extra):
+        best = (gain, moves, extra)
+    if best is None:
+      return {path: int(bits[path]) for path in table}
+    state.apply(*best[1:])
+
+
+ALLOCATIONS = {"sensitivity": allocate, "trades": trade}  # config.quant.mp_start -> allocation
 
 
 def sensitivity_start(evaluator, strategy: MixedEvolQ, qparams: dict, images,
-                      blocks: Sequence[Optional[int]], budget: Budget, key: jax.Array) -> dict:
-  """`qparams` with the bits of `allocate` on the `sensitivity_table` (scale and zero point
-  rescaled to the new bits where they changed, `with_bits`)."""
+                      blocks: Sequence[Optional[int]], budget: Budget, key: jax.Array,
+                      allocation=allocate) -> dict:
+  """`qparams` with the bits of `allocation` (`allocate` or `trade`) on the `sensitivity_table`
+  (scale and zero point rescaled to the new bits where they changed, `with_bits`)."""
   table = sensitivity_table(evaluator, strategy, qparams, images, blocks, key)
-  chosen = allocate(table, qparams, budget)
+  chosen = allocation(table, qparams, budget)
   return replace_sites(qparams, lambda path, site: with_bits(site, chosen[path])
                        if path in chosen else site)

@@ -15,7 +15,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from clamp_jax.models.quantized import validate as validate_quant
-from clamp_jax.search.allocate import sensitivity_start
+from clamp_jax.search.allocate import ALLOCATIONS, sensitivity_start
 from clamp_jax.search.budget import Budget, report
 from clamp_jax.search.evaluator import BlockEvaluator, block_sites, with_block
 from clamp_jax.search.fitness import BLOCK_LOSSES, OUTPUT_LOSSES, Fitness
@@ -89,7 +89,7 @@ def start_strategy(cfg: ml_collections.ConfigDict, quant_cfg: Optional[ml_collec
   """`(strategy, budget, qparams)` to start a search from: `EvolQ`, no budget and `qparams`;
   with `quant_cfg.mixed`, `MixedEvolQ`, `quant_cfg`'s budget and `qparams` with the sites the
   budget does not count pinned at their bits, then lowered into the budget, or, with
-  `quant_cfg.mp_start="sensitivity"` and `sensitivity` (`(output-only evaluator, images,
+  `quant_cfg.mp_start="sensitivity"` or `"trades"` and `sensitivity` (`(output-only evaluator, images,
   blocks, key)`; None for a resumed search, whose bits are already chosen), allocated by it."""
   strategy = strategy_from(cfg, quant_cfg)
   if not isinstance(strategy, MixedEvolQ):
@@ -97,10 +97,10 @@ def start_strategy(cfg: ml_collections.ConfigDict, quant_cfg: Optional[ml_collec
   validate_quant(quant_cfg)
   qparams = pin_uncounted(qparams)
   budget = Budget.from_config(qparams, quant_cfg)
-  if quant_cfg.mp_start == "sensitivity" and sensitivity is not None:
+  if quant_cfg.mp_start in ALLOCATIONS and sensitivity is not None:
     evaluator, images, blocks, key = sensitivity
     return strategy, budget, sensitivity_start(evaluator, strategy, qparams, images, blocks,
-                                               budget, key)
+                                               budget, key, ALLOCATIONS[quant_cfg.mp_start])
   return strategy, budget, fit_budget(qparams, budget, strategy)
 
 
