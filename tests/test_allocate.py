@@ -45,13 +45,14 @@ def test_the_budget_counts_weights_and_the_inputs_of_weight_matmuls_only(setup):
   assert pinned[BLOCK0 + "ln1"].bit_range is None
 
 
-def test_a_sensitivity_started_search_meets_the_budget_and_leaves_uncounted_sites(setup):
+@pytest.mark.parametrize("mp_start", ["sensitivity", "trades"])
+def test_a_sensitivity_started_search_meets_the_budget_and_leaves_uncounted_sites(setup, mp_start):
   _, model, params, images, qparams = setup
   result, history = search(model, params, qparams, images, search_config(**SMALL),
                            quant_cfg=mixed_config(w_bits=4, a_bits=4, bit_mutation_prob=1.0,
                                                   budget_w_bits=4, budget_a_bits=4,
                                                   budget_kind="both", a_bits_min=3,
-                                                  mp_start="sensitivity"))
+                                                  mp_start=mp_start))
   assert Budget.of(qparams, 1.0, "both", bits=(4, 4)).allows(result)
   uniform = report(qparams)  # the budget's: the same sites at W4/A4
   for h in history:
