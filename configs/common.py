@@ -48,11 +48,11 @@ def quant_from_args(args: set, **overrides) -> ml_collections.ConfigDict:
   name = next(iter(named)) if named else (MIXED_START if "mp" in args else "w8a8")
   w_bits, a_bits = BIT_PRESETS[name]
   if "mp" in args and named:  # budgeted against the preset's own uniform model
-    # the sensitivity start with weights of at least 3 bits: held-in top-1 at W4/A4 on two
-    # models, BENCHMARKS.md "Mixed precision: the sensitivity start"
+    # trades on the sensitivity table with weights of at least 3 bits: held-in top-1 at W4/A4
+    # on two models, 3 seeds, BENCHMARKS.md "Mixed precision: trades from the preset's bits"
     overrides = dict(dict(budget_w_bits=w_bits, budget_a_bits=a_bits, budget_kind="both",
                           a_bits_min=min(a_bits, 4), w_bits_min=min(w_bits, 3),
-                          mp_start="sensitivity"), **overrides)
+                          mp_start="trades"), **overrides)
   return quant_config(w_bits=w_bits, a_bits=a_bits, mixed="mp" in args, **overrides)
 
 

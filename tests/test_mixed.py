@@ -179,7 +179,7 @@ def test_mp_preset_and_search_requirement():
   with_preset = module.get_config("mp,w4a4").quant
   assert (with_preset.w_bits, with_preset.a_bits, with_preset.budget_kind) == (4, 4, "both")
   assert (with_preset.mp_start, with_preset.w_bits_min, with_preset.a_bits_min) == (
-      "sensitivity", 3, 4)
+      "trades", 3, 4)
   assert module.get_config("mp,w6a6").quant.w_bits == 6
   assert not module.get_config("w4a4").quant.mixed
   config.search.enabled = False
