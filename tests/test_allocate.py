@@ -135,13 +135,15 @@ def test_a_budget_below_the_lowest_bits_is_named(setup):
     allocate(table, qparams, budget)
 
 
-def test_the_sensitivity_start_is_within_the_budget_and_deterministic(setup, kl_only):
+@pytest.mark.parametrize("allocation,limit", [(allocate, 1.0), (trade, 1.0), (trade, 0.8)])
+def test_the_sensitivity_start_is_within_the_budget_and_deterministic(setup, kl_only, allocation,
+                                                                      limit):
   _, model, params, images, qparams = setup
   strategy = MixedEvolQ(w_bits=(2, 8), a_bits=(4, 8))
   qparams = pin_uncounted(qparams)
-  budget = Budget.of(qparams, 1.0, "both", bits=(4, 4))
+  budget = Budget.of(qparams, limit, "both", bits=(4, 4))  # 0.8: the start is over it
   starts = [sensitivity_start(kl_only, strategy, qparams, images, [0, 1], budget,
-                              jax.random.PRNGKey(0)) for _ in range(2)]
+                              jax.random.PRNGKey(0), allocation) for _ in range(2)]
   assert budget.allows(starts[0])
   assert any(float(a.bits) != float(b.bits) for a, b in zip(flatten(starts[0]).values(),
                                                             flatten(qparams).values()))

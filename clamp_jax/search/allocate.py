@@ -16,7 +16,7 @@ from clamp_jax.models.protocol import ENCODER, block_name
 from clamp_jax.quant.params import flatten, replace_sites, unflatten
 from clamp_jax.search.budget import KINDS, Budget, matmuls, searched
 from clamp_jax.search.evaluator import BlockEvaluator, block_sites
-from clamp_jax.search.mixed import BudgetError, MixedEvolQ, with_bits
+from clamp_jax.search.mixed import BudgetError, MixedEvolQ, fit_budget, with_bits
 from clamp_jax.search.strategy import stack
 
 Table = Dict[str, Dict[int, float]]  # site path -> {bits: output loss with that site at them}
@@ -163,8 +163,9 @@ def sensitivity_start(evaluator, strategy: MixedEvolQ, qparams: dict, images,
                       blocks: Sequence[Optional[int]], budget: Budget, key: jax.Array,
                       allocation=allocate) -> dict:
   """`qparams` with the bits of `allocation` (`allocate` or `trade`) on the `sensitivity_table`
-  (scale and zero point rescaled to the new bits where they changed, `with_bits`)."""
+  (scale and zero point rescaled to the new bits where they changed, `with_bits`). `trade`
+  starts from `qparams` lowered into the budget (`fit_budget`) where they exceed it."""
   table = sensitivity_table(evaluator, strategy, qparams, images, blocks, key)
-  chosen = allocation(table, qparams, budget)
+  chosen = allocation(table, fit_budget(qparams, budget, strategy), budget)
   return replace_sites(qparams, lambda path, site: with_bits(site, chosen[path])
                        if path in chosen else site)
