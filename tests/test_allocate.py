@@ -87,20 +87,28 @@ def test_the_table_holds_each_site_alone_at_each_of_its_bits(setup, kl_only):
       np.testing.assert_allclose(table[path][bits], expected, rtol=1e-4, atol=1e-6)
 
 
+def block_kernels(qparams) -> list:
+  """The paths of the blocks' weight sites."""
+  return [p for p, s in flatten(qparams).items() if s.kind == WEIGHT and "encoderblock" in p]
+
+
+def at_bits(qparams, bits: dict) -> dict:
+  """`qparams` with the sites of `bits` at those bits."""
+  return unflatten({p: with_bits(s, bits[p]) if p in bits else s
+                    for p, s in flatten(qparams).items()})
+
+
 def test_allocation_buys_the_largest_loss_reduction_per_cost_within_the_budget(setup):
   *_, qparams = setup
   budget = Budget.of(qparams, 1.0, "both", bits=(4, 4))
-  weights = [p for p, s in flatten(qparams).items()
-             if s.kind == WEIGHT and "encoderblock" in p]
+  weights = block_kernels(qparams)
   sensitive, rest = weights[0], weights[1:]
   table = {p: {2: 1.0, 3: 0.5, 4: 0.4} for p in rest}
   table[sensitive] = {2: 9.0, 3: 5.0, 4: 2.0, 5: 1.0, 6: 0.0}
   bits = allocate(table, qparams, budget)
   assert bits[sensitive] == 6  # the one site whose bits buy the most
   assert max(bits[p] for p in rest) <= 4 and min(bits[p] for p in rest) >= 3
-  chosen = unflatten({p: with_bits(s, bits[p]) if p in bits else s
-                      for p, s in flatten(qparams).items()})
-  assert budget.allows(chosen)
+  assert budget.allows(at_bits(qparams, bits))
   # a site whose raise buys nothing keeps its lowest bits, whatever the budget left
   flat = {p: {2: 1.0, 3: 1.0, 4: 1.0} for p in weights}
   assert set(allocate(flat, qparams, budget).values()) == {2}
@@ -109,8 +117,7 @@ def test_allocation_buys_the_largest_loss_reduction_per_cost_within_the_budget(s
 def test_trades_start_from_the_measured_bits_and_keep_only_moves_that_pay(setup):
   *_, qparams = setup  # every site at 4 bits: the budget of uniform W4/A4 is met exactly
   budget = Budget.of(qparams, 1.0, "both", bits=(4, 4))
-  weights = [p for p, s in flatten(qparams).items()
-             if s.kind == WEIGHT and "encoderblock" in p]
+  weights = block_kernels(qparams)
   sensitive, cheap, rest = weights[0], weights[1], weights[2:]
   table = {p: {3: 1.5, 4: 1.0, 5: 0.9} for p in rest}  # lowering costs more than raising buys
   table[sensitive] = {3: 3.0, 4: 1.0, 5: 0.2, 6: 0.1}
@@ -118,9 +125,7 @@ def test_trades_start_from_the_measured_bits_and_keep_only_moves_that_pay(setup)
   bits = trade(table, qparams, budget)
   assert bits[sensitive] == 5 and bits[cheap] == 3  # the one trade that pays, one bit each way
   assert all(bits[p] == 4 for p in rest)
-  chosen = unflatten({p: with_bits(s, bits[p]) if p in bits else s
-                      for p, s in flatten(qparams).items()})
-  assert budget.allows(chosen)
+  assert budget.allows(at_bits(qparams, bits))
   # where every move costs loss, the start's bits stay
   flat = {p: {3: 2.0, 4: 1.0, 5: 1.0} for p in weights}
   assert set(trade(flat, qparams, budget).values()) == {4}
@@ -129,8 +134,7 @@ def test_trades_start_from_the_measured_bits_and_keep_only_moves_that_pay(setup)
 def test_a_budget_below_the_lowest_bits_is_named(setup):
   *_, qparams = setup
   budget = Budget.of(qparams, 0.1, "size", bits=(4, 4))
-  table = {p: {2: 1.0, 4: 0.0} for p, s in flatten(qparams).items()
-           if s.kind == WEIGHT and "encoderblock" in p}
+  table = {p: {2: 1.0, 4: 0.0} for p in block_kernels(qparams)}
   with pytest.raises(BudgetError, match="config.quant.budget=0.1"):
     allocate(table, qparams, budget)
 
