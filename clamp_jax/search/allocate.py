@@ -63,10 +63,12 @@ def sensitivity_table(evaluator, strategy: MixedEvolQ, qparams: dict, images,
 class BitCosts:
   """Each site's bits and the model's costs that `budget` counts, changed a few sites at a time."""
 
-  def __init__(self, qparams: dict, budget: Budget, paths):
+  def __init__(self, qparams: dict, budget: Budget, paths, start: Optional[dict] = None):
+    """The sites of `qparams` at their bits, those of `start` (`{path: bits}`) at its bits."""
     sites = flatten(qparams)
     self.terms = matmuls(sites)
     self.bits = {path: float(np.asarray(site.bits)) for path, site in sites.items()}
+    self.bits.update(start or {})
     self.involved = {path: [m for m in self.terms if path in (m.kernel, m.source)]
                      for path in paths}
     self.kinds = KINDS[budget.kind]
@@ -101,9 +103,8 @@ def allocate(table: Table, qparams: dict, budget: Budget) -> Dict[str, int]:
   with the largest loss reduction per fraction of the budget it spends, while one fits.
 
   Raises BudgetError when even the lowest bits exceed the budget."""
-  state = BitCosts(qparams, budget, table)
-  state.bits.update({path: min(losses) for path, losses in table.items()})
-  state.current = state.costs_with({})
+  state = BitCosts(qparams, budget, table,
+                   start={path: min(losses) for path, losses in table.items()})
   if not state.fits(np.zeros(2)):
     raise BudgetError(f"config.quant.budget={budget.limit} ({budget.kind}) is out of reach "
                       "with every searched site at its lowest bits")

@@ -46,6 +46,17 @@ def block_sites(qparams: dict, block: Optional[int]) -> dict:
   return qparams if block is None else qparams[ENCODER][block_name(block)]
 
 
+def blocks_share_a_program(model, qparams: dict) -> bool:
+  """Whether one compiled program can run any block of `model` under `qparams`: the model has
+  `block_module()` (all its blocks one module shape) and every block the same QuantParams layout
+  (sites and their static fields)."""
+  if not hasattr(model, "block_module"):
+    return False
+  layouts = {jax.tree_util.tree_structure(block_sites(qparams, i))
+             for i in range(model.num_layers)}
+  return len(layouts) == 1
+
+
 def with_block(qparams: dict, block: Optional[int], candidate: dict) -> dict:
   """`qparams` with block `block`'s sites (all, when None) replaced by `candidate`."""
   if block is None:
@@ -178,14 +189,9 @@ class BlockEvaluator:
     return out, logits
 
   def shares_programs(self, qparams: dict) -> bool:
-    """Whether one program scores every block: `config.search.share_programs`, a
-    `block_module` and the same QuantParams layout (sites and their static fields) in every
-    block."""
-    if self.block_module is None or not self.cfg.get("share_programs", True):
-      return False
-    layouts = {jax.tree_util.tree_structure(block_sites(qparams, i))
-               for i in range(self.model.num_layers)}
-    return len(layouts) == 1
+    """Whether one program scores every block: `config.search.share_programs` and
+    `blocks_share_a_program`."""
+    return self.cfg.get("share_programs", True) and blocks_share_a_program(self.model, qparams)
 
   def program(self, block: int, qparams: dict):
     """`(jitted scorer, its block argument)`, the scorer called as `scorer(self, block argument,

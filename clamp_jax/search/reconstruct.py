@@ -27,7 +27,8 @@ from clamp_jax.models.protocol import ENCODER, block_name
 from clamp_jax.models.vit import OBSERVE
 from clamp_jax.quant import adaround
 from clamp_jax.quant.params import WEIGHT, flatten, unflatten
-from clamp_jax.search.evaluator import PerBlock, block_sites, fisher_weights
+from clamp_jax.search.evaluator import (PerBlock, block_sites, blocks_share_a_program,
+                                       fisher_weights)
 
 
 LOSSES = ("fisher", "mse")
@@ -243,15 +244,6 @@ def patch_embedding(model, variables: dict, images: jax.Array) -> jax.Array:
   return state[OBSERVE]["patch_embed"][0]
 
 
-def shares_programs(model, qparams: dict, cfg: ml_collections.ConfigDict) -> bool:
-  """Whether one program reconstructs every block: `config.reconstruct.share_programs`, a model
-  with `block_module()` and the same QuantParams layout in every block."""
-  if not cfg.share_programs or not hasattr(model, "block_module"):
-    return False
-  return len({jax.tree_util.tree_structure(block_sites(qparams, i))
-              for i in range(model.num_layers)}) == 1
-
-
 def reconstruct_block(model, params: dict, qparams: dict, block: int, block_in: jax.Array,
                       fp_block_in: jax.Array, target: jax.Array, weights: jax.Array,
                       cfg: ml_collections.ConfigDict, key: jax.Array):
@@ -259,7 +251,7 @@ def reconstruct_block(model, params: dict, qparams: dict, block: int, block_in: 
   `fp_block_in`, see `learn_rounding`) matches `target`: `learn_rounding`'s result, the kernels
   named by their paths in the whole model's params."""
   sites = block_weight_sites(qparams, block)
-  if not shares_programs(model, qparams, cfg):
+  if not (cfg.share_programs and blocks_share_a_program(model, qparams)):
     return learn_rounding(ModelBlockUnit(model, block), (params, _without(qparams, sites)),
                           sites, block_in, fp_block_in, target, weights, cfg, key)
   prefix = f"{ENCODER}/{block_name(block)}/"
