@@ -8,8 +8,7 @@ import pytest
 from clamp_jax.models.quantized import apply_quantized
 from clamp_jax.quant.params import WEIGHT, flatten, unflatten
 from clamp_jax.search import Budget, MixedEvolQ, search, search_config
-from clamp_jax.search.allocate import (allocate, non_increasing, sensitivity_start,
-                                      sensitivity_table, trade)
+from clamp_jax.search.allocate import allocate, sensitivity_start, sensitivity_table, trade
 from clamp_jax.search.budget import counted, report
 from clamp_jax.search.evaluator import BlockEvaluator
 from clamp_jax.search.fitness import Fitness, kl
@@ -75,11 +74,10 @@ def test_the_table_holds_each_site_alone_at_each_of_its_bits(setup, kl_only):
   qparams = pin_uncounted(qparams)
   table = sensitivity_table(kl_only, strategy, qparams, images, [0, 1],
                             jax.random.PRNGKey(0))
-  outer = {"embedding/kernel", "head/kernel"}  # not in a block: measured on the whole model
-  assert set(table) == {p for p in counted(qparams) if "encoderblock" in p} | outer
+  assert set(table) == {p for p in counted(qparams) if "encoderblock" in p}
   fp_logits = model.apply({"params": params}, images)
   sites = flatten(qparams)
-  for path in (MLP + "Dense_1/kernel", BLOCK0 + "ln2", "embedding/kernel", "head/kernel"):
+  for path in (MLP + "Dense_1/kernel", BLOCK0 + "ln2"):
     site = sites[path]
     low, high = strategy.bit_range(site)
     assert sorted(table[path]) == list(range(low, high + 1))
@@ -131,23 +129,6 @@ def test_trades_start_from_the_measured_bits_and_keep_only_moves_that_pay(setup)
   # where every move costs loss, the start's bits stay
   flat = {p: {3: 2.0, 4: 1.0, 5: 1.0} for p in weights}
   assert set(trade(flat, qparams, budget).values()) == {4}
-
-
-def test_trades_raise_a_sensitive_head_past_a_noisy_width_for_a_fraction_of_the_budget(setup):
-  *_, qparams = setup
-  budget = Budget.of(qparams, 1.0, "both", bits=(4, 4))  # met exactly by the start
-  weights = block_kernels(qparams)
-  table = {p: {3: 1.01, 4: 1.0, 5: 1.0} for p in weights}  # bits cheap to give up
-  # outside the blocks (one token); 5 bits measured a little worse than 4: noise, jumped over
-  table["head/kernel"] = {3: 5.0, 4: 1.0, 5: 1.1, 6: 0.0}
-  bits = trade(table, qparams, budget)
-  assert bits["head/kernel"] == 6
-  assert sum(bits[p] == 3 for p in weights) == 1  # one block kernel's bit pays for it
-  assert budget.allows(at_bits(qparams, bits))
-
-
-def test_a_row_is_made_non_increasing_in_bits():
-  assert non_increasing({5: 0.3, 3: 1.0, 4: 0.5, 6: 0.4}) == {3: 1.0, 4: 0.5, 5: 0.3, 6: 0.3}
 
 
 def test_a_budget_below_the_lowest_bits_is_named(setup):

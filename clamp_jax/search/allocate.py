@@ -1,13 +1,10 @@
-"""Mixed precision's start by sensitivity (`config.quant.mp_start="sensitivity"` or `"trades"`):
-each searched site's output loss at each of its bit widths, the rest of the model at the start,
-then bits given where they buy the most loss per unit of budget.
+"""Mixed precision's start by sensitivity (`config.quant.mp_start="sensitivity"`): each searched
+site's output loss at each of its bit widths, the rest of the model at the start, then bits
+given greedily where they buy the most loss per unit of budget.
 
 The losses are measured one site at a time, a block's variants scored together by the search's
-evaluator (an output-only one: KL of the logits, comparable across blocks). The weights outside
-the blocks (the patch embedding, the head, a Swin's patch merging), which the block-wise search
-does not move, are measured too, by whole-model forwards, and given bits by the allocation alone:
-they cost a fraction of a percent of the budget. The allocation assumes the losses add up; the
-evolutionary search then refines the blocks' bits and scales from it.
+evaluator (an output-only one: KL of the logits, comparable across blocks). The allocation
+assumes they add up; the evolutionary search then refines bits and scales from it.
 """
 
 from typing import Dict, Optional, Sequence
@@ -16,11 +13,9 @@ import jax
 import numpy as np
 
 from clamp_jax.models.protocol import ENCODER, block_name
-from clamp_jax.models.quantized import apply_quantized
-from clamp_jax.quant.params import WEIGHT, flatten, replace_sites, unflatten
+from clamp_jax.quant.params import flatten, replace_sites, unflatten
 from clamp_jax.search.budget import KINDS, Budget, matmuls, searched
 from clamp_jax.search.evaluator import BlockEvaluator, block_sites
-from clamp_jax.search.fitness import output_loss
 from clamp_jax.search.mixed import BudgetError, MixedEvolQ, fit_budget, with_bits
 from clamp_jax.search.strategy import stack
 
@@ -32,44 +27,10 @@ def block_prefix(block: Optional[int]) -> str:
   return "" if block is None else f"{ENCODER}/{block_name(block)}/"
 
 
-def outer_weights(qparams: dict) -> list:
-  """The paths of the uniform weight sites outside the blocks that a bit range does not fix: the
-  patch embedding, the head, a Swin's patch merging."""
-  return [path for path, site in flatten(qparams).items()
-          if site.kind == WEIGHT and site.uniform and site.bit_range is None
-          and not searched(path, site)]
-
-
-def outer_table(evaluator: BlockEvaluator, strategy: MixedEvolQ, qparams: dict, images,
-                caches) -> Table:
-  """The table's rows of `outer_weights`: the output term of the evaluator's fitness (the
-  blocks' score when it has no block term, as the sensitivity start's evaluator) of the whole
-  model with each site alone at each bit width of its range."""
-  sites = flatten(qparams)
-  forward = jax.jit(lambda params, q, x: apply_quantized(evaluator.model, params, q, x))
-  fitness = evaluator.fitness
-
-  def loss(changed: dict) -> float:
-    logits = forward(evaluator.params, unflatten(changed), images)
-    return float(fitness.w_output * output_loss(logits, caches.fp_logits, fitness.output_loss,
-                                                fitness.temperature))
-
-  start = loss(sites)
-  table: Table = {}
-  for path in outer_weights(qparams):
-    site = sites[path]
-    low, high = strategy.bit_range(site)
-    table[path] = {int(np.asarray(site.bits)): start}
-    for bits in sorted(set(range(low, high + 1)) - set(table[path])):
-      table[path][bits] = loss(dict(sites, **{path: with_bits(site, bits)}))
-  return table
-
-
 def sensitivity_table(evaluator, strategy: MixedEvolQ, qparams: dict, images,
                       blocks: Sequence[Optional[int]], key: jax.Array) -> Table:
   """For every searched uniform site of `blocks`, the evaluator's score of `qparams` with that
-  site alone at each bit width of its range (the start's bits included); with a
-  `BlockEvaluator`, the same for the `outer_weights` (`outer_table`). A `BlockEvaluator`
+  site alone at each bit width of its range (the start's bits included). A `BlockEvaluator`
   compiles all the blocks' programs first, in parallel (`search.precompile`)."""
   caches = evaluator.caches(qparams, images)
   measured = []  # (block, the start's sites, the variants' population, their (path, bits))
@@ -89,8 +50,7 @@ def sensitivity_table(evaluator, strategy: MixedEvolQ, qparams: dict, images,
   if isinstance(evaluator, BlockEvaluator) and evaluator.cfg.get("precompile", True):
     evaluator.precompile([(block, population) for block, _, population, _ in measured],
                          qparams, caches, key)
-  table: Table = outer_table(evaluator, strategy, qparams, images, caches) if isinstance(
-      evaluator, BlockEvaluator) else {}
+  table: Table = {}
   for block, start, population, labels in measured:
     sample = evaluator.token_sample(jax.random.fold_in(key, block or 0), caches, block)
     scores = np.asarray(evaluator.score(block, population, qparams, caches, sample), np.float64)
@@ -167,35 +127,25 @@ def allocate(table: Table, qparams: dict, budget: Budget) -> Dict[str, int]:
     state.apply(*best[1:])
 
 
-def non_increasing(losses: Dict[int, float]) -> Dict[int, float]:
-  """`losses` with each width's loss at most every lower width's: more bits are not worse, so
-  a lower loss measured at fewer bits is the noise of a few images, which would otherwise make a
-  raise look costly (or a drop look free)."""
-  out, lowest = {}, np.inf
-  for bits in sorted(losses):
-    lowest = min(lowest, losses[bits])
-    out[bits] = lowest
-  return out
-
-
 def trade(table: Table, qparams: dict, budget: Budget) -> Dict[str, int]:
   """Bits for the sites of `table` from the bits they have in `qparams` (where the table was
-  measured, so its losses hold there best): repeatedly the move that fits the budget and lowers
-  the table's summed loss (each row made `non_increasing`) the most, while one lowers it: one
-  site one bit down or up to any of its higher widths, or one site one bit down with another
-  up. A raise may jump where the row has a step further up (a cheap site outside the blocks,
-  which the search does not move afterwards, goes where its loss drops)."""
-  table = {path: non_increasing(losses) for path, losses in table.items()}
+  measured, so its losses hold there best): repeatedly the one-bit move of one site, or a site
+  lowered by one bit with another raised by one, that fits the budget and lowers the table's
+  summed loss the most, while one lowers it."""
   state = BitCosts(qparams, budget, table)
   bits = state.bits
   delta = lambda path, new: table[path][new] - table[path][bits[path]]  # loss change
 
+  def steps(path):
+    return [new for new in (bits[path] - 1, bits[path] + 1) if new in table[path]]
+
   while True:
     best = None
-    downs = [(path, bits[path] - 1) for path in table if bits[path] - 1 in table[path]]
-    ups = [(path, new) for path in table for new in table[path] if new > bits[path]]
+    singles = [{path: new} for path in table for new in steps(path)]
+    downs = [(path, new) for path in table for new in steps(path) if new < bits[path]]
+    ups = [(path, new) for path in table for new in steps(path) if new > bits[path]]
     pairs = [{down: a, up: b} for down, a in downs for up, b in ups if up != down]
-    for moves in [dict([move]) for move in downs + ups] + pairs:
+    for moves in singles + pairs:
       gain = -sum(delta(path, new) for path, new in moves.items())
       if gain <= 1e-12 or (best is not None and gain <= best[0]):
         continue
