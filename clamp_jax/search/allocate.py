@@ -127,34 +127,25 @@ def allocate(table: Table, qparams: dict, budget: Budget) -> Dict[str, int]:
     state.apply(*best[1:])
 
 
-def non_increasing(losses: Dict[int, float]) -> Dict[int, float]:
-  """`losses` with each width's loss at most every lower width's: more bits are not worse, so
-  a lower loss measured at fewer bits is the noise of a few images, which would otherwise make a
-  raise look costly (or a drop look free)."""
-  out, lowest = {}, np.inf
-  for bits in sorted(losses):
-    lowest = min(lowest, losses[bits])
-    out[bits] = lowest
-  return out
-
-
 def trade(table: Table, qparams: dict, budget: Budget) -> Dict[str, int]:
   """Bits for the sites of `table` from the bits they have in `qparams` (where the table was
-  measured, so its losses hold there best): repeatedly the move that fits the budget and lowers
-  the table's summed loss (each row made `non_increasing`) the most, while one lowers it: one
-  site one bit down or up to any of its higher widths, or one site one bit down with another
-  up. A raise may jump past widths that buy nothing to one that does."""
-  table = {path: non_increasing(losses) for path, losses in table.items()}
+  measured, so its losses hold there best): repeatedly the one-bit move of one site, or a site
+  lowered by one bit with another raised by one, that fits the budget and lowers the table's
+  summed loss the most, while one lowers it."""
   state = BitCosts(qparams, budget, table)
   bits = state.bits
   delta = lambda path, new: table[path][new] - table[path][bits[path]]  # loss change
 
+  def steps(path):
+    return [new for new in (bits[path] - 1, bits[path] + 1) if new in table[path]]
+
   while True:
     best = None
-    downs = [(path, bits[path] - 1) for path in table if bits[path] - 1 in table[path]]
-    ups = [(path, new) for path in table for new in table[path] if new > bits[path]]
+    singles = [{path: new} for path in table for new in steps(path)]
+    downs = [(path, new) for path in table for new in steps(path) if new < bits[path]]
+    ups = [(path, new) for path in table for new in steps(path) if new > bits[path]]
     pairs = [{down: a, up: b} for down, a in downs for up, b in ups if up != down]
-    for moves in [dict([move]) for move in downs + ups] + pairs:
+    for moves in singles + pairs:
       gain = -sum(delta(path, new) for path, new in moves.items())
       if gain <= 1e-12 or (best is not None and gain <= best[0]):
         continue
