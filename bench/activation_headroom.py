@@ -10,19 +10,17 @@ held-in training images (`--split`), never on the test split. Prints one markdow
 workdir: top-1 and the change against the export as it is.
 """
 
-import json
 import os
 import sys
 
 from absl import app, flags
-import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clamp_jax.evaluate import evaluate_params  # noqa: E402
 from clamp_jax.models import build_model  # noqa: E402
-from clamp_jax.models.quantized import load_quantized  # noqa: E402
 from clamp_jax.quant.params import replace_sites  # noqa: E402
 from clamp_jax.search.mixed import with_bits  # noqa: E402
+from finished_run import load_export, run_config  # noqa: E402
 
 flags.DEFINE_list("workdirs", [], "finished runs (config.json, quantized.npz)")
 flags.DEFINE_string("split", "train[-10000:]", "where top-1 is measured (held-in images)")
@@ -40,11 +38,9 @@ def raised(qparams: dict, kinds, bits: int) -> dict:
 
 def main(_):
   for workdir in FLAGS.workdirs:
-    with open(os.path.join(workdir, "config.json")) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = run_config(workdir)
     config.eval.update(split=FLAGS.split, num_images=0)
-    model_cfg, params, qparams = load_quantized(os.path.join(workdir, "quantized.npz"),
-                                                config.model)
+    model_cfg, params, qparams = load_export(workdir, config)
     model = build_model(model_cfg)
     top1 = lambda q: evaluate_params(config, model, params, {"quant": q})["top1"]
     base = top1(qparams)

@@ -9,18 +9,16 @@ row per workdir, then the mean and range per bit preset (the workdir's `w_bits`/
 """
 
 import collections
-import json
 import os
 import sys
 
 from absl import app, flags
-import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clamp_jax.evaluate import evaluate_params  # noqa: E402
 from clamp_jax.models import build_model  # noqa: E402
-from clamp_jax.models.quantized import load_quantized  # noqa: E402
+from finished_run import load_export, run_config  # noqa: E402
 
 flags.DEFINE_list("workdirs", [], "finished runs (config.json, quantized.npz)")
 flags.DEFINE_integer("num_images", 0, "evaluate only this many images (0: the whole split)")
@@ -30,11 +28,9 @@ DTYPES = ("float32", "bfloat16")
 
 def top1_per_dtype(workdir: str):
   """`(bits label, {dtype: top-1})` of `workdir`'s export."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = run_config(workdir)
   config.eval.num_images = FLAGS.num_images
-  model_cfg, params, qparams = load_quantized(os.path.join(workdir, "quantized.npz"),
-                                              config.model)
+  model_cfg, params, qparams = load_export(workdir, config)
   top1 = {}
   for dtype in DTYPES:
     model_cfg.compute_dtype = dtype

@@ -7,18 +7,17 @@ change of top-1 on held-in training images (bench/lowbit.py's, never the test sp
   python bench/reconstruct_guard.py --workdirs=runs/w2a8_rec/w2a8_clamp_search_s0,...
 """
 
-import json
 import os
 import sys
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lowbit  # noqa: E402  (held-in images and top-1)
+from finished_run import run_config  # noqa: E402
 from clamp_jax.generate import generate  # noqa: E402
 from clamp_jax.models import build_model  # noqa: E402
 from clamp_jax.models.checkpoints import load_checkpoint  # noqa: E402
@@ -44,8 +43,7 @@ def main(_):
               "held-in top-1 before", "after"])
   lowbit.row(["---"] * 7)
   for workdir in FLAGS.workdirs:
-    with open(os.path.join(workdir, "config.json")) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    config = run_config(workdir)
     model_cfg, params = load_checkpoint(config.model.checkpoint, config.model)
     model = build_model(model_cfg)
     checkpoints = RunCheckpoints(os.path.join(workdir, "state"))
