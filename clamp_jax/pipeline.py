@@ -25,6 +25,7 @@ from typing import Callable, ContextManager
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -101,6 +102,27 @@ class Refresher:
                  images.shape[0], time.time() - t0, report["steps"],
                  report["misprediction_rate"])
     return images
+
+
+def reconstruction_images(config: ml_collections.ConfigDict, model, params,
+                          images: jax.Array) -> jax.Array:
+  """The search's final `images` and `config.reconstruct.extra_images` more of the calibration
+  source, drawn apart from the first ones (for psaq/clamp a fresh generation against the float
+  model, like the first one)."""
+  extra = config.reconstruct.extra_images
+  if not extra:
+    return images
+  more = ml_collections.ConfigDict(config.to_dict())
+  more.calib.update(num_images=extra, seed=config.calib.seed + 1)
+  t0 = time.time()
+  if config.calib.source in GENERATED_SOURCES:
+    key = jax.random.fold_in(jax.random.PRNGKey(config.generate.seed), 1)
+    new, _, _, _ = generate(generation_config(more), model, params, None, key=key)
+  else:
+    new = calibration_images(more)
+  logging.info("%d more %s images for the reconstruction in %.0fs", extra,
+               config.calib.source, time.time() - t0)
+  return jnp.concatenate([jnp.asarray(images), jnp.asarray(new, images.dtype)])
 
 
 def start(config: ml_collections.ConfigDict, model, params, workdir: str,
@@ -233,9 +255,10 @@ def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.time()
     extra["before_reconstruct_top1"] = evaluate_params(config, model, params,
                                                        {"quant": state.qparams})["top1"]
-    rounded, extra["reconstruct"] = reconstruct(model, params, state.qparams, state.images,
+    images = reconstruction_images(config, model, params, state.images)
+    rounded, extra["reconstruct"] = reconstruct(model, params, state.qparams, images,
                                                 config.reconstruct)
-    extra["reconstruct_seconds"] = time.time() - t0
+    extra.update(reconstruct_seconds=time.time() - t0, reconstruct_images=int(images.shape[0]))
   results = finish(config, model, params, state, workdir, rounded, extra)
   checkpoints.close()
   return results

@@ -246,6 +246,7 @@ def test_finished_run_writes_results_and_report(tmp_path, reference, checkpoint,
   assert [h["block"] for h in results["reconstruct"]] == ["embedding", 0, 1]  # first to last
   assert all(h["before"] > 0 and h["after"] > 0 for h in results["reconstruct"])
   assert 0 <= results["before_reconstruct_top1"] <= 100
+  assert results["reconstruct_images"] == results["calib_images"] == 8  # no extra images
   launch("--config=configs/fmnist_vit.py:tiny", "--mode=eval", f"--workdir={tmp_path}",
          f"--config.model.checkpoint={checkpoint}", f"--config.eval.num_images={NUM_EVAL}",
          env=env)

@@ -105,7 +105,8 @@ def test_embedding_and_blocks_can_be_left_out(tiny):
 
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("loss", "l1"), ("quantized_input", 1.5),
-                                         ("warmup", 1.0), ("lr", 0.0)])
+                                         ("warmup", 1.0), ("lr", 0.0), ("penalty", -1.0),
+                                         ("extra_images", -1)])
 def test_impossible_reconstruct_settings_are_named(field, value):
   with pytest.raises(ValueError, match=f"config.reconstruct.{field}"):
     validate(reconstruct_config(**{field: value}))
@@ -147,3 +148,31 @@ def test_one_program_reconstructs_every_block_as_the_blocks_own_programs_do(tiny
       assert differ.mean() < 1e-3, path
   for a, b in zip(shared_history, own_history):
     np.testing.assert_allclose([a["before"], a["after"]], [b["before"], b["after"]], rtol=1e-3)
+
+
+@pytest.mark.parametrize("source", ["clamp", "gaussian"])
+def test_extra_images_join_the_searchs_and_are_drawn_apart_from_the_first_ones(source):
+  from configs import fmnist_vit
+  from clamp_jax.data.calibration import calibration_images
+  from clamp_jax.generate import generate
+  from clamp_jax.models import build_model
+  from clamp_jax.pipeline import generation_config, reconstruction_images
+  from conftest import random_params
+  config = fmnist_vit.get_config("tiny,w4a4")
+  config.calib.source = source
+  model, params = build_model(config.model), random_params(config.model)
+  if source == "gaussian":
+    first = jnp.asarray(calibration_images(config))
+  else:
+    first = generate(generation_config(config), model, params, None)[0]
+  searched = first + 0.01  # the search's final images: the first ones, refreshed
+  assert reconstruction_images(config, model, params, searched) is searched  # none by default
+  config.reconstruct.extra_images = 3
+  out = reconstruction_images(config, model, params, searched)
+  assert out.shape == (searched.shape[0] + 3,) + searched.shape[1:]
+  np.testing.assert_array_equal(out[:searched.shape[0]], searched)
+  extra = np.asarray(out[searched.shape[0]:])
+  assert np.all(np.isfinite(extra)) and extra.std() > 0.1
+  distance = np.abs(extra[:, None] - np.asarray(first)[None]).mean(axis=(2, 3, 4))
+  assert distance.min() > 0.05  # none a copy of a first image
+  np.testing.assert_array_equal(reconstruction_images(config, model, params, searched), out)

@@ -45,6 +45,9 @@ def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
       beta_start=20.0, beta_end=2.0,
       warmup=0.2,         # fraction of the steps without the penalty
       batch_size=0,       # images per step; 0: all calibration images
+      # Images beyond the search's: this many more of the calibration source (a fresh generation
+      # for psaq/clamp), fitted on together with the search's final images.
+      extra_images=0,
       embedding=True,     # the patch embedding's kernel first (its output against the float one)
       blocks=True,        # then every block's kernels, first to last
       # Each element of the block's input is the quantized stream's with this probability, else
@@ -67,8 +70,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.reconstruct.{field}={cfg[field]} must be positive")
   if cfg.loss not in LOSSES:
     raise ValueError(f"config.reconstruct.loss={cfg.loss!r}; known: {LOSSES}")
-  if cfg.penalty < 0 or cfg.batch_size < 0:
-    raise ValueError("config.reconstruct.penalty and batch_size must be 0 or positive")
+  for field in ("penalty", "batch_size", "extra_images"):
+    if cfg[field] < 0:
+      raise ValueError(f"config.reconstruct.{field}={cfg[field]} must be 0 or positive")
   if not 0.0 <= cfg.quantized_input <= 1.0:
     raise ValueError(f"config.reconstruct.quantized_input={cfg.quantized_input} must lie in "
                      "[0, 1]")
