@@ -114,14 +114,13 @@ def reconstruction_images(config: ml_collections.ConfigDict, model, params,
     return images
   more = ml_collections.ConfigDict(config.to_dict())
   more.calib.update(num_images=extra, seed=config.calib.seed + 1)
-  t0 = time.time()
   if config.calib.source in GENERATED_SOURCES:
+    logging.info("the reconstruction's %d more %s images (%d generation steps)", extra,
+                 config.calib.source, config.generate.steps)
     key = jax.random.fold_in(jax.random.PRNGKey(config.generate.seed), 1)
     new, _, _, _ = generate(generation_config(more), model, params, None, key=key)
   else:
     new = calibration_images(more)
-  logging.info("%d more %s images for the reconstruction in %.0fs", extra,
-               config.calib.source, time.time() - t0)
   return jnp.concatenate([jnp.asarray(images), jnp.asarray(new, images.dtype)])
 
 

@@ -138,7 +138,9 @@ def test_console_is_a_line_per_phase_and_a_few_per_block(reference):
     assert sum(phase in line for line in lines) == 1, phase
   assert sum("fitness" in line and "ETA" in line for line in lines) == NUM_BLOCKS
   assert sum("refreshed " in line for line in lines) == NUM_BLOCKS  # between its 2 generations
-  per_run = 4 + 6 + 3  # generation steps (4), the phase lines, the reconstruction's 3 units
+  assert sum("the reconstruction's 4 more clamp images" in line for line in lines) == 1
+  # generation steps (4, and 4 of the extra images), the phase lines, the reconstruction's 3 units
+  per_run = 4 + 4 + 6 + 1 + 3
   assert len(lines) <= per_run + 3 * NUM_BLOCKS, "\n".join(lines)
   assert not any("orbax" in line or "checkpoint_manager" in line for line in lines)
 
@@ -246,7 +248,7 @@ def test_finished_run_writes_results_and_report(tmp_path, reference, checkpoint,
   assert [h["block"] for h in results["reconstruct"]] == ["embedding", 0, 1]  # first to last
   assert all(h["before"] > 0 and h["after"] > 0 for h in results["reconstruct"])
   assert 0 <= results["before_reconstruct_top1"] <= 100
-  assert results["reconstruct_images"] == results["calib_images"] == 8  # no extra images
+  assert (results["calib_images"], results["reconstruct_images"]) == (8, 12)  # 4 extra (tiny)
   launch("--config=configs/fmnist_vit.py:tiny", "--mode=eval", f"--workdir={tmp_path}",
          f"--config.model.checkpoint={checkpoint}", f"--config.eval.num_images={NUM_EVAL}",
          env=env)

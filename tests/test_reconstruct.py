@@ -166,7 +166,8 @@ def test_extra_images_join_the_searchs_and_are_drawn_apart_from_the_first_ones(s
   else:
     first = generate(generation_config(config), model, params, None)[0]
   searched = first + 0.01  # the search's final images: the first ones, refreshed
-  assert reconstruction_images(config, model, params, searched) is searched  # none by default
+  config.reconstruct.extra_images = 0
+  assert reconstruction_images(config, model, params, searched) is searched
   config.reconstruct.extra_images = 3
   out = reconstruction_images(config, model, params, searched)
   assert out.shape == (searched.shape[0] + 3,) + searched.shape[1:]
