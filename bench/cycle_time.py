@@ -300,7 +300,8 @@ def run_row(spec: str, population: int, num_images: int, variant: str) -> dict:
     rounded = None
     if config.reconstruct.enabled:
       with clock("reconstruction"):
-        rounded, _ = reconstruct(model, params, state.qparams, state.images, config.reconstruct)
+        rounded, state.qparams, _ = reconstruct(model, params, state.qparams, state.images,
+                                                config.reconstruct)
     with clock("evaluation"):
       pipeline.finish(config, model, params, state, workdir, rounded)
     times = clock.split()

@@ -57,9 +57,9 @@ def main(_):
         top1[seed, 0] = lowbit.top1(model, params, qparams, images, labels)
         for i, (_, cfg) in enumerate(variants, 1):
           t = time.time()
-          rounded, _ = reconstruct(model, params, qparams, x, cfg)
+          rounded, learned, _ = reconstruct(model, params, qparams, x, cfg)
           seconds.append(time.time() - t)
-          top1[seed, i] = lowbit.top1(model, rounded, qparams, images, labels)
+          top1[seed, i] = lowbit.top1(model, rounded, learned, images, labels)
         print(f"  {preset} {source} seed {seed}: " + " ".join(f"{v:.2f}" for v in top1[seed]),
               flush=True)
       lowbit.row([preset.upper(), source] + [lowbit.stats(top1[:, i])

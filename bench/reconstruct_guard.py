@@ -54,12 +54,13 @@ def main(_):
     fresh = generate(generation_config(fresh_config), model, params, None)[0]
     folded = fold(params, state.reparam)
     rec_cfg = reconstruct_config(**config.reconstruct.to_dict())  # fields added since: defaults
-    rounded, _ = reconstruct(model, folded, state.qparams, state.images, rec_cfg)
+    rounded, qparams, _ = reconstruct(model, folded, state.qparams, state.images, rec_cfg)
     images, labels = lowbit.eval_images(config)
     cells = []
     for x in (state.images, fresh):
-      cells += [kl(model, p, state.qparams, x) for p in (folded, rounded)]
-    cells += [lowbit.top1(model, p, state.qparams, images, labels) for p in (folded, rounded)]
+      cells += [kl(model, p, q, x) for p, q in ((folded, state.qparams), (rounded, qparams))]
+    cells += [lowbit.top1(model, p, q, images, labels)
+              for p, q in ((folded, state.qparams), (rounded, qparams))]
     lowbit.row([workdir] + [f"{c:.4f}" for c in cells[:4]] + [f"{c:.2f}" for c in cells[4:]])
 
 

@@ -255,8 +255,8 @@ def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
     extra["before_reconstruct_top1"] = evaluate_params(config, model, params,
                                                        {"quant": state.qparams})["top1"]
     images = reconstruction_images(config, model, params, state.images)
-    rounded, extra["reconstruct"] = reconstruct(model, params, state.qparams, images,
-                                                config.reconstruct)
+    rounded, state.qparams, extra["reconstruct"] = reconstruct(model, params, state.qparams,
+                                                               images, config.reconstruct)
     extra.update(reconstruct_seconds=time.time() - t0, reconstruct_images=int(images.shape[0]))
   results = finish(config, model, params, state, workdir, rounded, extra)
   checkpoints.close()

@@ -69,7 +69,7 @@ def block_error(model, params, qparams, images, block):
 def test_reconstruction_moves_kernels_to_a_neighbouring_grid_point_and_lowers_the_error(tiny):
   model, params, images, qparams = tiny
   cfg = reconstruct_config(steps=150, loss="mse", quantized_input=1.0, lr=5e-2)
-  rounded, history = reconstruct(model, params, qparams, images, cfg)
+  rounded, _, history = reconstruct(model, params, qparams, images, cfg)
   assert [h["block"] for h in history] == ["embedding", 0, 1]
   sites = {**block_weight_sites(qparams, 0), **block_weight_sites(qparams, 1),
            EMBEDDING_KERNEL: flatten(qparams)[EMBEDDING_KERNEL]}
@@ -96,11 +96,11 @@ def test_reconstruction_moves_kernels_to_a_neighbouring_grid_point_and_lowers_th
 def test_embedding_and_blocks_can_be_left_out(tiny):
   model, params, images, qparams = tiny
   cfg = reconstruct_config(steps=2, blocks=False)
-  rounded, history = reconstruct(model, params, qparams, images, cfg)
+  rounded, _, history = reconstruct(model, params, qparams, images, cfg)
   assert [h["block"] for h in history] == ["embedding"]
   np.testing.assert_array_equal(rounded["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"],
                                 params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"])
-  _, history = reconstruct(model, params, qparams, images, reconstruct_config(steps=2, embedding=False))
+  _, _, history = reconstruct(model, params, qparams, images, reconstruct_config(steps=2, embedding=False))
   assert [h["block"] for h in history] == [0, 1]
 
 
@@ -133,10 +133,10 @@ def test_one_program_reconstructs_every_block_as_the_blocks_own_programs_do(tiny
   jax.monitoring.register_event_duration_secs_listener(listen)
   request.addfinalizer(lambda: jax.monitoring.unregister_event_duration_listener(listen))
   cfg = reconstruct_config(steps=20, lr=5e-2, embedding=False)
-  shared, shared_history = reconstruct(model, params, qparams, images, cfg)
+  shared, _, shared_history = reconstruct(model, params, qparams, images, cfg)
   assert compiled.count("jit(_step)") == 1  # both blocks
   compiled.clear()
-  own, own_history = reconstruct(model, params, qparams, images,
+  own, _, own_history = reconstruct(model, params, qparams, images,
                                  reconstruct_config(**dict(cfg, share_programs=False)))
   assert compiled.count("jit(_step)") == 2  # one per block
   for block in range(2):

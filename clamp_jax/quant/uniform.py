@@ -30,11 +30,17 @@ def quantize_int(x, scale, zero_point, bits, signed: bool,
                  mask_grad: bool = False) -> jax.Array:
   """Integer grid value clip(round(x / scale) + zero_point, qmin, qmax), as float.
 
-  mask_grad=False: the gradient passes through the clip everywhere (STE);
-  mask_grad=True: it is zero where the clip is active.
+  mask_grad=False: the gradient to `x` passes through the clip everywhere (STE);
+  mask_grad=True: it is zero where the clip is active. The gradient to `scale` is LSQ's
+  (Esser et al., 2020) either way: where the clip is active, `x / scale` is a constant of
+  `scale`, so a clipped value pulls its end of the grid towards it.
   """
   qmin, qmax = jax.lax.stop_gradient(int_range(bits, signed))  # bits get no gradient
-  q = round_ste(x / scale) + zero_point
+  ratio = x / scale
+  unclipped = jax.lax.stop_gradient(jnp.round(ratio) + zero_point)
+  inside = (unclipped >= qmin) & (unclipped <= qmax)
+  ratio = jnp.where(inside, ratio, x / jax.lax.stop_gradient(scale))
+  q = round_ste(ratio) + zero_point
   clip = _clip_masked if mask_grad else clip_ste
   return clip(q, qmin, qmax)
 

@@ -7,7 +7,8 @@ float stream: `sum of squared errors per image + weight * rounding_penalty`, wit
 annealed from `beta_start` to `beta_end` after `warmup` of the steps. The grids (the search's
 QuantParams) stay as they are: the result is float params whose block kernels lie on their grid,
 so fake-quantizing them again changes nothing, and the export and `--mode=eval` read them as any
-other params.
+other params. With `act_scale_lr` > 0 the step of each of the block's activation sites is learned
+alongside (LSQ's gradient, as QDrop does), and the QuantParams come back with those steps.
 """
 
 import dataclasses
@@ -26,7 +27,7 @@ import optax
 from clamp_jax.models.protocol import ENCODER, block_name
 from clamp_jax.models.vit import OBSERVE
 from clamp_jax.quant import adaround
-from clamp_jax.quant.params import WEIGHT, flatten, unflatten
+from clamp_jax.quant.params import ACTIVATION, WEIGHT, flatten, replace_sites, unflatten
 from clamp_jax.search.evaluator import (PerBlock, block_sites, blocks_share_a_program,
                                        fisher_weights)
 
@@ -41,6 +42,9 @@ def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
       loss="mse",         # "mse", or "fisher": squared error weighted by the FP model's g^2
       steps=100,          # optimizer steps per unit (the embedding, each block)
       lr=1e-2,            # Adam on the rounding logits
+      # Adam on the log of each block activation site's step, learned with the rounding; 0: the
+      # search's steps stay.
+      act_scale_lr=0.0,
       penalty=0.01,       # weight of the rounding penalty
       beta_start=20.0, beta_end=2.0,
       warmup=0.2,         # fraction of the steps without the penalty
@@ -70,7 +74,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.reconstruct.{field}={cfg[field]} must be positive")
   if cfg.loss not in LOSSES:
     raise ValueError(f"config.reconstruct.loss={cfg.loss!r}; known: {LOSSES}")
-  for field in ("penalty", "batch_size", "extra_images"):
+  for field in ("penalty", "batch_size", "extra_images", "act_scale_lr"):
     if cfg[field] < 0:
       raise ValueError(f"config.reconstruct.{field}={cfg[field]} must be 0 or positive")
   if not 0.0 <= cfg.quantized_input <= 1.0:
@@ -88,6 +92,20 @@ def block_weight_sites(qparams: dict, block: int) -> Dict[str, object]:
   prefix = f"{ENCODER}/{block_name(block)}/"
   return {path: site for path, site in flatten(qparams).items()
           if path.startswith(prefix) and site.kind == WEIGHT}
+
+
+def block_activation_paths(qparams: dict, prefix: str = "") -> list:
+  """Paths (under `prefix`) of the activation sites of `qparams` whose step can be learned."""
+  return [path for path, site in flatten(qparams).items()
+          if path.startswith(prefix) and site.kind == ACTIVATION and site.has_scale]
+
+
+def _rescaled(quant: dict, log_scales: dict) -> dict:
+  """`quant` with the step of each site named in `log_scales` times `exp(log_scale)`."""
+  if not log_scales:
+    return quant
+  return replace_sites(quant, lambda path, site: site.replace(
+      scale=site.scale * jnp.exp(log_scales[path])) if path in log_scales else site)
 
 
 def _flat(params) -> dict:
@@ -116,6 +134,7 @@ class Schedule:
   """The optimizer's settings of `config.reconstruct`, hashable: a static argument of `_step`."""
   steps: int
   lr: float
+  act_scale_lr: float
   penalty: float
   beta_start: float
   beta_end: float
@@ -131,6 +150,12 @@ class Schedule:
     begin = self.warmup * self.steps
     frac = jnp.clip((step - begin) / jnp.maximum(self.steps - begin, 1.0), 0.0, 1.0)
     return self.beta_end + (self.beta_start - self.beta_end) * (1.0 - frac)
+
+  def optimizer(self) -> optax.GradientTransformation:
+    """Adam on `{"logits": ..., "log_scales": ...}`, each at its own rate."""
+    return optax.multi_transform(
+        {"logits": optax.adam(self.lr), "log_scales": optax.adam(self.act_scale_lr)},
+        {"logits": "logits", "log_scales": "log_scales"})
 
 
 # A unit's output is `unit(frozen, kernels, x)`: `frozen` = (the params, the activation
@@ -181,50 +206,63 @@ def _error(unit, frozen, kernels, x, y, w):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _step(unit, schedule: Schedule, logits, opt_state, i, frozen, kernels, sites, x, x_fp, y, w,
+def _step(unit, schedule: Schedule, learned, opt_state, i, frozen, kernels, sites, x, x_fp, y, w,
           key):
-  """One Adam step on the rounding logits, each input element drawn from `x` with probability
-  `schedule.quantized_input`, else from `x_fp`."""
-  def loss(logits, x):
-    rounded = _rounded(kernels, logits, sites, hard=False)
-    rec = jnp.sum(w * jnp.square(unit(frozen, rounded, x) - y)) / x.shape[0]
-    penalty = sum(adaround.rounding_penalty(v, schedule.beta(i)) for v in logits.values())
+  """One Adam step on `learned` (`{"logits": rounding logits, "log_scales": activation steps}`),
+  each input element drawn from `x` with probability `schedule.quantized_input`, else from
+  `x_fp`."""
+  def loss(learned, x):
+    rounded = _rounded(kernels, learned["logits"], sites, hard=False)
+    quant = _rescaled(frozen[1], learned["log_scales"])
+    rec = jnp.sum(w * jnp.square(unit((frozen[0], quant), rounded, x) - y)) / x.shape[0]
+    penalty = sum(adaround.rounding_penalty(v, schedule.beta(i))
+                  for v in learned["logits"].values())
     use_penalty = (i >= schedule.warmup * schedule.steps).astype(jnp.float32)
     return rec + use_penalty * schedule.penalty * penalty
 
   x = jnp.where(jax.random.bernoulli(key, schedule.quantized_input, x.shape), x, x_fp)
-  updates, opt_state = optax.adam(schedule.lr).update(jax.grad(loss)(logits, x), opt_state,
-                                                      logits)
-  return optax.apply_updates(logits, updates), opt_state
+  updates, opt_state = schedule.optimizer().update(jax.grad(loss)(learned, x), opt_state,
+                                                   learned)
+  return optax.apply_updates(learned, updates), opt_state
 
 
 def learn_rounding(unit, frozen, sites: dict, x: jax.Array, x_fp: jax.Array, target: jax.Array,
-                   weights: jax.Array, cfg: ml_collections.ConfigDict, key: jax.Array):
-  """`({kernel path: rounded kernel}, {"before", "after"})`: the kernels of `sites` (paths in
-  `frozen`'s params) rounded so that the unit's output from `x` matches `target`, and the
-  weighted mean squared error (hard rounding, from `x`) before (nearest rounding) and after.
-  Each step's input takes each element from `x` with probability `cfg.quantized_input`, else
-  from `x_fp`."""
+                   weights: jax.Array, cfg: ml_collections.ConfigDict, key: jax.Array,
+                   act_paths=()):
+  """`({kernel path: rounded kernel}, {activation path: SiteQuant}, {"before", "after"})`: the
+  kernels of `sites` (paths in `frozen`'s params) rounded so that the unit's output from `x`
+  matches `target`; the activation sites `act_paths` (in `frozen`'s QuantParams) with their
+  learned steps (when `cfg.act_scale_lr` > 0); and the weighted mean squared error (hard
+  rounding, from `x`) before (nearest rounding, the search's steps) and after. Each step's input
+  takes each element from `x` with probability `cfg.quantized_input`, else from `x_fp`."""
   flat_params = _flat(frozen[0])
   kernels = {path: flat_params[path] for path in sites}
   schedule = Schedule.of(cfg)
   view = lambda path: kernels[path].reshape(-1, sites[path].scale.shape[-1])
-  logits = {path: adaround.init_logits(view(path), sites[path].scale) for path in kernels}
+  act_sites = flatten(frozen[1])
+  learned = dict(
+      logits={path: adaround.init_logits(view(path), sites[path].scale) for path in kernels},
+      log_scales={path: jnp.zeros_like(act_sites[path].scale)
+                  for path in (act_paths if cfg.act_scale_lr > 0 else ())})
   nearest = {path: sites[path](view(path)).reshape(kernels[path].shape) for path in kernels}
   before = float(_error(unit, frozen, nearest, x, target, weights))
-  opt_state = optax.adam(schedule.lr).init(logits)
+  opt_state = schedule.optimizer().init(learned)
   n = x.shape[0]
   batch = cfg.batch_size or n
   batch_key, drop_key = jax.random.split(key)
   for i in range(cfg.steps):
     idx = (jax.random.choice(jax.random.fold_in(batch_key, i), n, (batch,), replace=False)
            if batch < n else slice(None))
-    logits, opt_state = _step(unit, schedule, logits, opt_state, jnp.asarray(i, jnp.float32),
-                              frozen, kernels, sites, x[idx], x_fp[idx], target[idx],
-                              weights[idx], jax.random.fold_in(drop_key, i))
-  rounded = jax.tree_util.tree_map(np.asarray, _rounded(kernels, logits, sites, hard=True))
-  after = float(_error(unit, frozen, rounded, x, target, weights))
-  return rounded, dict(before=before, after=after)
+    learned, opt_state = _step(unit, schedule, learned, opt_state, jnp.asarray(i, jnp.float32),
+                               frozen, kernels, sites, x[idx], x_fp[idx], target[idx],
+                               weights[idx], jax.random.fold_in(drop_key, i))
+  rounded = jax.tree_util.tree_map(np.asarray, _rounded(kernels, learned["logits"], sites,
+                                                        hard=True))
+  quant = _rescaled(frozen[1], learned["log_scales"])
+  after = float(_error(unit, (frozen[0], quant), rounded, x, target, weights))
+  learned_sites = {path: jax.tree_util.tree_map(np.asarray, site)
+                   for path, site in flatten(quant).items() if path in learned["log_scales"]}
+  return rounded, learned_sites, dict(before=before, after=after)
 
 
 def _without(qparams: dict, sites: dict) -> dict:
@@ -235,7 +273,8 @@ def _without(qparams: dict, sites: dict) -> dict:
 def reconstruct_embedding(model, params: dict, qparams: dict, images: jax.Array,
                           cfg: ml_collections.ConfigDict, key: jax.Array):
   """The patch embedding's kernel rounded so that its output (site `patch_embed`) on the
-  (quantized) images matches the float model's: `learn_rounding`'s result."""
+  (quantized) images matches the float model's: `learn_rounding`'s result (no activation site
+  learned)."""
   sites = {p: s for p, s in flatten(qparams).items() if p == EMBEDDING_KERNEL}
   target = patch_embedding(model, {"params": params}, images)
   return learn_rounding(EmbeddingUnit(model), (params, _without(qparams, sites)), sites, images,
@@ -251,19 +290,23 @@ def patch_embedding(model, variables: dict, images: jax.Array) -> jax.Array:
 def reconstruct_block(model, params: dict, qparams: dict, block: int, block_in: jax.Array,
                       fp_block_in: jax.Array, target: jax.Array, weights: jax.Array,
                       cfg: ml_collections.ConfigDict, key: jax.Array):
-  """Block `block`'s kernels rounded so that its output from the stream `block_in` (and
-  `fp_block_in`, see `learn_rounding`) matches `target`: `learn_rounding`'s result, the kernels
-  named by their paths in the whole model's params."""
+  """Block `block`'s kernels rounded (and activation steps learned) so that its output from the
+  stream `block_in` (and `fp_block_in`, see `learn_rounding`) matches `target`:
+  `learn_rounding`'s result, the kernels and sites named by their paths in the whole model's
+  params and QuantParams."""
   sites = block_weight_sites(qparams, block)
+  prefix = f"{ENCODER}/{block_name(block)}/"
   if not (cfg.share_programs and blocks_share_a_program(model, qparams)):
     return learn_rounding(ModelBlockUnit(model, block), (params, _without(qparams, sites)),
-                          sites, block_in, fp_block_in, target, weights, cfg, key)
-  prefix = f"{ENCODER}/{block_name(block)}/"
+                          sites, block_in, fp_block_in, target, weights, cfg, key,
+                          block_activation_paths(qparams, prefix))
   local = {path[len(prefix):]: site for path, site in sites.items()}
-  frozen = (params[ENCODER][block_name(block)], _without(block_sites(qparams, block), local))
-  rounded, errors = learn_rounding(SharedBlockUnit(model.block_module()), frozen, local,
-                                   block_in, fp_block_in, target, weights, cfg, key)
-  return {prefix + path: kernel for path, kernel in rounded.items()}, errors
+  quant = _without(block_sites(qparams, block), local)
+  rounded, learned_sites, errors = learn_rounding(
+      SharedBlockUnit(model.block_module()), (params[ENCODER][block_name(block)], quant), local,
+      block_in, fp_block_in, target, weights, cfg, key, block_activation_paths(quant))
+  return ({prefix + path: kernel for path, kernel in rounded.items()},
+          {prefix + path: site for path, site in learned_sites.items()}, errors)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -287,28 +330,30 @@ def error_weights(model, params, images: jax.Array, loss: str, targets: PerBlock
 
 def reconstruct(model, params, qparams: dict, images: jax.Array,
                 cfg: ml_collections.ConfigDict):
-  """`(params, history)`: `params` with the patch embedding's and every block's kernels rounded
-  by AdaRound on `images` (first to last), and per unit the reconstruction error before and
-  after."""
+  """`(params, qparams, history)`: `params` with the patch embedding's and every block's kernels
+  rounded by AdaRound on `images` (first to last), `qparams` with the blocks' learned activation
+  steps (`cfg.act_scale_lr` > 0; else as given), and per unit the reconstruction error before
+  and after."""
   validate(cfg)
   fp_block_in, targets = _streams(model, params, {}, images)  # the float model's, once
   key = jax.random.PRNGKey(cfg.seed)
   weights = error_weights(model, params, images, cfg.loss, targets)
   history = []
   if cfg.embedding and EMBEDDING_KERNEL in flatten(qparams):  # before any block: float params
-    rounded, errors = reconstruct_embedding(model, params, qparams, images, cfg,
-                                            jax.random.fold_in(key, -1 % 2**31))
+    rounded, _, errors = reconstruct_embedding(model, params, qparams, images, cfg,
+                                               jax.random.fold_in(key, -1 % 2**31))
     params = flax.traverse_util.unflatten_dict(dict(_flat(params), **rounded), sep="/")
     history.append(dict(block="embedding", **errors))
     logging.info("reconstruct the patch embedding: error %.4g -> %.4g", errors["before"],
                  errors["after"])
   for block in range(model.num_layers if cfg.blocks else 0):
     block_in = _streams(model, params, qparams, images)[0]  # earlier units rounded
-    rounded, errors = reconstruct_block(model, params, qparams, block, block_in[block],
-                                        fp_block_in[block], targets[block], weights[block], cfg,
-                                        jax.random.fold_in(key, block))
+    rounded, learned_sites, errors = reconstruct_block(
+        model, params, qparams, block, block_in[block], fp_block_in[block], targets[block],
+        weights[block], cfg, jax.random.fold_in(key, block))
     params = flax.traverse_util.unflatten_dict(dict(_flat(params), **rounded), sep="/")
+    qparams = unflatten(dict(flatten(qparams), **learned_sites))
     history.append(dict(block=block, **errors))
     logging.info("reconstruct block %d: error %.4g -> %.4g", block, errors["before"],
                  errors["after"])
-  return params, history
+  return params, qparams, history
