@@ -138,6 +138,23 @@ def test_ste_gradient_inside_and_outside_the_range(signed):
     assert bits_grad == 0.0
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_scale_gradient_is_lsq_s_inside_and_outside_the_range(signed):
+  bits, scale = 3, jnp.float32(0.25)
+  zp = jnp.float32(0.0 if signed else 2.0)
+  x = jnp.asarray([-9.0, -1.1, -0.3, 0.1, 0.26, 0.5, 0.6, 0.99, 4.0])
+  qmin, qmax = (-4.0, 3.0) if signed else (0.0, 7.0)
+  unclipped = np.round(np.asarray(x) / 0.25) + float(zp)
+  # LSQ: d x_hat / d s = round(x/s) - x/s inside the grid, its clipped end (less zp) outside.
+  lsq = np.where(unclipped > qmax, qmax - float(zp), np.where(
+      unclipped < qmin, qmin - float(zp), np.round(np.asarray(x) / 0.25) - np.asarray(x) / 0.25))
+  assert (unclipped > qmax).any() and (unclipped < qmin).any()
+  for mask in (False, True):
+    per_element = jax.vmap(jax.grad(lambda s, v: fake_quant(v, s, zp, bits, signed, mask)),
+                           in_axes=(None, 0))(scale, x)
+    np.testing.assert_allclose(per_element, lsq, atol=1e-5)
+
+
 @SETTINGS
 @given(seed=SEEDS, bits=BITS, signed=st.booleans(), grouping=GROUPINGS)
 def test_per_channel_shapes_and_channelwise_error_bound(seed, bits, signed, grouping):

@@ -10,7 +10,7 @@ from clamp_jax.models.quantized import quant_config
 from clamp_jax.quant import adaround
 from clamp_jax.quant.uniform import fake_quant
 from clamp_jax.search import reconstruct, reconstruct_config
-from clamp_jax.quant.params import flatten
+from clamp_jax.quant.params import ACTIVATION, flatten
 from clamp_jax.search.reconstruct import EMBEDDING_KERNEL, block_weight_sites, validate
 from conftest import calibrated_tiny
 
@@ -93,6 +93,33 @@ def test_reconstruction_moves_kernels_to_a_neighbouring_grid_point_and_lowers_th
       model, params, qparams, images, 1)
 
 
+def test_learned_activation_steps_change_only_the_blocks_activation_steps_and_lower_the_error(
+    tiny):
+  model, params, images, qparams = tiny
+  cfg = reconstruct_config(steps=60, lr=5e-2)
+  rounded, same, history = reconstruct(model, params, qparams, images, cfg)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, same, qparams))  # off
+  learned_params, learned, learned_history = reconstruct(
+      model, params, qparams, images, reconstruct_config(**dict(cfg, act_scale_lr=5e-2)))
+  old, new = flatten(qparams), flatten(learned)
+  assert old.keys() == new.keys()
+  moved = [path for path in old if not np.array_equal(old[path].scale, new[path].scale)]
+  expected = [path for path, site in old.items() if path.startswith("Transformer/encoderblock_")
+              and site.kind == ACTIVATION and site.has_scale]
+  assert moved and set(moved) <= set(expected)
+  assert len(moved) >= len(expected) - 2  # a site without gradient (clipped nowhere) may stay
+  for path in old:
+    np.testing.assert_array_equal(old[path].zero_point, new[path].zero_point)
+    np.testing.assert_array_equal(old[path].bits, new[path].bits)
+    assert (old[path].quantizer, old[path].kind) == (new[path].quantizer, new[path].kind)
+  # Both start from the same error; the steps let each block reconstruct better still.
+  for a, b in zip(history[1:], learned_history[1:]):
+    assert b["before"] == pytest.approx(a["before"], rel=1e-4) or a["block"] != 0
+    assert b["after"] < a["after"]
+  assert block_error(model, learned_params, learned, images, 1) < block_error(
+      model, rounded, qparams, images, 1)
+
+
 def test_embedding_and_blocks_can_be_left_out(tiny):
   model, params, images, qparams = tiny
   cfg = reconstruct_config(steps=2, blocks=False)
@@ -106,7 +133,7 @@ def test_embedding_and_blocks_can_be_left_out(tiny):
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("loss", "l1"), ("quantized_input", 1.5),
                                          ("warmup", 1.0), ("lr", 0.0), ("penalty", -1.0),
-                                         ("extra_images", -1)])
+                                         ("extra_images", -1), ("act_scale_lr", -1e-3)])
 def test_impossible_reconstruct_settings_are_named(field, value):
   with pytest.raises(ValueError, match=f"config.reconstruct.{field}"):
     validate(reconstruct_config(**{field: value}))
@@ -132,11 +159,11 @@ def test_one_program_reconstructs_every_block_as_the_blocks_own_programs_do(tiny
 
   jax.monitoring.register_event_duration_secs_listener(listen)
   request.addfinalizer(lambda: jax.monitoring.unregister_event_duration_listener(listen))
-  cfg = reconstruct_config(steps=20, lr=5e-2, embedding=False)
-  shared, _, shared_history = reconstruct(model, params, qparams, images, cfg)
+  cfg = reconstruct_config(steps=20, lr=5e-2, embedding=False, act_scale_lr=1e-2)
+  shared, shared_q, shared_history = reconstruct(model, params, qparams, images, cfg)
   assert compiled.count("jit(_step)") == 1  # both blocks
   compiled.clear()
-  own, _, own_history = reconstruct(model, params, qparams, images,
+  own, own_q, own_history = reconstruct(model, params, qparams, images,
                                  reconstruct_config(**dict(cfg, share_programs=False)))
   assert compiled.count("jit(_step)") == 2  # one per block
   for block in range(2):
@@ -148,6 +175,8 @@ def test_one_program_reconstructs_every_block_as_the_blocks_own_programs_do(tiny
       assert differ.mean() < 1e-3, path
   for a, b in zip(shared_history, own_history):
     np.testing.assert_allclose([a["before"], a["after"]], [b["before"], b["after"]], rtol=1e-3)
+  for path, site in flatten(shared_q).items():  # the same learned activation steps
+    np.testing.assert_allclose(site.scale, flatten(own_q)[path].scale, rtol=1e-4, err_msg=path)
 
 
 @pytest.mark.parametrize("source", ["clamp", "gaussian"])
