@@ -108,27 +108,20 @@ def reconstruction_images(config: ml_collections.ConfigDict, model, params,
                           images: jax.Array) -> jax.Array:
   """The search's final `images` and `config.reconstruct.extra_images` more of the calibration
   source, drawn apart from the first ones (for psaq/clamp a fresh generation against the float
-  model, like the first one); with `config.reconstruct.flip`, each of them mirrored as well."""
-  images = jnp.asarray(images)
+  model, like the first one)."""
   extra = config.reconstruct.extra_images
-  if extra:
-    images = jnp.concatenate([images, jnp.asarray(extra_images(config, model, params, extra),
-                                                  images.dtype)])
-  if config.reconstruct.flip:
-    images = jnp.concatenate([images, images[:, :, ::-1, :]])  # NHWC: left and right swapped
-  return images
-
-
-def extra_images(config: ml_collections.ConfigDict, model, params, extra: int) -> np.ndarray:
-  """`extra` images of the calibration source, drawn apart from the search's."""
+  if not extra:
+    return images
   more = ml_collections.ConfigDict(config.to_dict())
   more.calib.update(num_images=extra, seed=config.calib.seed + 1)
   if config.calib.source in GENERATED_SOURCES:
     logging.info("the reconstruction's %d more %s images (%d generation steps)", extra,
                  config.calib.source, config.generate.steps)
     key = jax.random.fold_in(jax.random.PRNGKey(config.generate.seed), 1)
-    return generate(generation_config(more), model, params, None, key=key)[0]
-  return calibration_images(more)
+    new, _, _, _ = generate(generation_config(more), model, params, None, key=key)
+  else:
+    new = calibration_images(more)
+  return jnp.concatenate([jnp.asarray(images), jnp.asarray(new, images.dtype)])
 
 
 def start(config: ml_collections.ConfigDict, model, params, workdir: str,

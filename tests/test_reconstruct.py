@@ -206,8 +206,3 @@ def test_extra_images_join_the_searchs_and_are_drawn_apart_from_the_first_ones(s
   distance = np.abs(extra[:, None] - np.asarray(first)[None]).mean(axis=(2, 3, 4))
   assert distance.min() > 0.05  # none a copy of a first image
   np.testing.assert_array_equal(reconstruction_images(config, model, params, searched), out)
-  config.reconstruct.flip = True  # each image, and it mirrored left-right
-  both = np.asarray(reconstruction_images(config, model, params, searched))
-  np.testing.assert_array_equal(both[:out.shape[0]], out)
-  np.testing.assert_array_equal(both[out.shape[0]:], np.asarray(out)[:, :, ::-1, :])
-  assert not np.array_equal(both[out.shape[0]:], out)

@@ -52,7 +52,6 @@ def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
       # Images beyond the search's: this many more of the calibration source (a fresh generation
       # for psaq/clamp), fitted on together with the search's final images.
       extra_images=0,
-      flip=False,         # fit the images mirrored left-right as well (twice the images)
       embedding=True,     # the patch embedding's kernel first (its output against the float one)
       blocks=True,        # then every block's kernels, first to last
       # Each element of the block's input is the quantized stream's with this probability, else
