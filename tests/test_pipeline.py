@@ -38,13 +38,13 @@ def checkpoint(tmp_path_factory):
 
 def search_args(checkpoint, workdir):
   """The CLAMP cycle on the tiny model: generated images refreshed every generation, 3 passes,
-  then the rounding reconstruction."""
+  then the rounding reconstruction with learned activation steps."""
   return ["--config=configs/fmnist_vit.py:tiny,w4a4", f"--workdir={workdir}",
           f"--config.model.checkpoint={checkpoint}", f"--config.eval.num_images={NUM_EVAL}",
           "--config.calib.source=clamp", "--config.search.enabled=True",
           "--config.search.passes=3", "--config.search.generations=2",
           "--config.search.refresh_every=1", "--config.reconstruct.enabled=True",
-          "--config.reconstruct.steps=10"]
+          "--config.reconstruct.steps=10", "--config.reconstruct.act_scale_lr=1e-2"]
 
 
 def complete_steps(workdir):
@@ -67,10 +67,16 @@ def snapshot(workdir):
   return out
 
 
+def quant_arrays_of(qparams):
+  """`(arrays, static)` of `qparams`."""
+  from clamp_jax.quant import params as qparams_lib
+  return qparams_lib.split(qparams)
+
+
 def quant_arrays(workdir):
   """`(arrays, static)` of the QuantParams a run saved in `workdir/quant_params`."""
   from clamp_jax.quant import params as qparams_lib
-  return qparams_lib.split(qparams_lib.restore(os.path.join(workdir, "quant_params")))
+  return quant_arrays_of(qparams_lib.restore(os.path.join(workdir, "quant_params")))
 
 
 def assert_same_quant_params(a_dir, b_dir):
@@ -249,6 +255,15 @@ def test_finished_run_writes_results_and_report(tmp_path, reference, checkpoint,
   assert all(h["before"] > 0 and h["after"] > 0 for h in results["reconstruct"])
   assert 0 <= results["before_reconstruct_top1"] <= 100
   assert (results["calib_images"], results["reconstruct_images"]) == (8, 12)  # 4 extra (tiny)
+  # The saved QuantParams hold the reconstruction's activation steps, not the search's.
+  from clamp_jax.run_state import RunCheckpoints
+  searched = RunCheckpoints(os.path.join(reference, "state"))
+  searched_arrays = quant_arrays_of(searched.latest().qparams)[0]
+  searched.close()
+  saved = quant_arrays(reference)[0]
+  moved = [path for path in saved
+           if not np.array_equal(saved[path]["scale"], searched_arrays[path]["scale"])]
+  assert moved and all("/encoderblock_" in path for path in moved)
   launch("--config=configs/fmnist_vit.py:tiny", "--mode=eval", f"--workdir={tmp_path}",
          f"--config.model.checkpoint={checkpoint}", f"--config.eval.num_images={NUM_EVAL}",
          env=env)
