@@ -67,16 +67,10 @@ def snapshot(workdir):
   return out
 
 
-def quant_arrays_of(qparams):
-  """`(arrays, static)` of `qparams`."""
-  from clamp_jax.quant import params as qparams_lib
-  return qparams_lib.split(qparams)
-
-
 def quant_arrays(workdir):
   """`(arrays, static)` of the QuantParams a run saved in `workdir/quant_params`."""
   from clamp_jax.quant import params as qparams_lib
-  return quant_arrays_of(qparams_lib.restore(os.path.join(workdir, "quant_params")))
+  return qparams_lib.split(qparams_lib.restore(os.path.join(workdir, "quant_params")))
 
 
 def assert_same_quant_params(a_dir, b_dir):
@@ -256,9 +250,10 @@ def test_finished_run_writes_results_and_report(tmp_path, reference, checkpoint,
   assert 0 <= results["before_reconstruct_top1"] <= 100
   assert (results["calib_images"], results["reconstruct_images"]) == (8, 12)  # 4 extra (tiny)
   # The saved QuantParams hold the reconstruction's activation steps, not the search's.
+  from clamp_jax.quant import params as qparams_lib
   from clamp_jax.run_state import RunCheckpoints
   searched = RunCheckpoints(os.path.join(reference, "state"))
-  searched_arrays = quant_arrays_of(searched.latest().qparams)[0]
+  searched_arrays = qparams_lib.split(searched.latest().qparams)[0]
   searched.close()
   saved = quant_arrays(reference)[0]
   moved = [path for path in saved

@@ -27,7 +27,8 @@ import optax
 from clamp_jax.models.protocol import ENCODER, block_name
 from clamp_jax.models.vit import OBSERVE
 from clamp_jax.quant import adaround
-from clamp_jax.quant.params import ACTIVATION, WEIGHT, flatten, replace_sites, unflatten
+from clamp_jax.quant.params import (ACTIVATION, WEIGHT, flatten, iter_sites, replace_sites,
+                                    unflatten)
 from clamp_jax.search.evaluator import (PerBlock, block_sites, blocks_share_a_program,
                                        fisher_weights)
 
@@ -96,8 +97,8 @@ def block_weight_sites(qparams: dict, block: int) -> Dict[str, object]:
 
 def block_activation_paths(qparams: dict, prefix: str = "") -> list:
   """Paths (under `prefix`) of the activation sites of `qparams` whose step can be learned."""
-  return [path for path, site in flatten(qparams).items()
-          if path.startswith(prefix) and site.kind == ACTIVATION and site.has_scale]
+  return [path for path, site in iter_sites(qparams, ACTIVATION)
+          if path.startswith(prefix) and site.has_scale]
 
 
 def _rescaled(quant: dict, log_scales: dict) -> dict:
