@@ -84,6 +84,12 @@ def generate_for(model: ml_collections.ConfigDict, **overrides) -> ml_collection
   return generate_config(**overrides)
 
 
+def calib_config() -> ml_collections.ConfigDict:
+  """`config.calib`: 32 images from the CLAMP generator; with `source="real"` they are drawn
+  from `split` (a slice such as `train[:30000]` keeps held-in images out of the calibration)."""
+  return ml_collections.ConfigDict(dict(source="clamp", num_images=32, seed=0, split="train"))
+
+
 def fmnist_config(model: ml_collections.ConfigDict, args: set, tiny_model: dict,
                   train_epochs: int = 20) -> ml_collections.ConfigDict:
   """The CLAMP cycle on Fashion-MNIST around `model` (its `config.model`), from the parsed
@@ -103,7 +109,7 @@ def fmnist_config(model: ml_collections.ConfigDict, args: set, tiny_model: dict,
       grad_clip=1.0, label_smoothing=0.1, augment_pad=2, augment_flip=True, eval_every=2,
       init_checkpoint=""))  # fine-tune from this float checkpoint instead of a random init
   config.eval = ml_collections.ConfigDict(dict(batch_size=500, num_images=0, split=""))
-  config.calib = ml_collections.ConfigDict(dict(source="clamp", num_images=32, seed=0))
+  config.calib = calib_config()
   config.quant = quant_from_args(args)
   config.generate = generate_for(model)
   config.search = search_config(enabled="minmax" not in args)
@@ -141,7 +147,7 @@ def imagenet_config(model_name: str, preset: str, arg: str = "") -> ml_collectio
   config.data = ml_collections.ConfigDict(dict(
       name="folder", dir="", mean=mean, std=std, preset=preset, tfds_name=""))
   config.eval = ml_collections.ConfigDict(dict(batch_size=250, num_images=0, split=""))
-  config.calib = ml_collections.ConfigDict(dict(source="clamp", num_images=32, seed=0))
+  config.calib = calib_config()
   config.quant = quant_from_args(args)
   # The paper's schedule: 500 steps of generation, 50-step refreshes, P = 10, C = 6, K = 15.
   config.generate = generate_for(config.model, steps=500, refresh_steps=50)

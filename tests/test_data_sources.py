@@ -203,6 +203,23 @@ def test_a_fashion_mnist_split_slice_takes_those_images():
   np.testing.assert_array_equal(batches[-1][1], labels[-36:])
 
 
+def test_real_calibration_images_come_from_their_split_slice():
+  from clamp_jax.data.calibration import calibration_images
+  from clamp_jax.data.preprocess import normalize
+  from configs import fmnist_vit
+  config = fmnist_vit.get_config("tiny")
+  config.calib.update(source="real", split="train[:40]", num_images=16)
+  images = calibration_images(config)
+  first, _ = clamp_jax.data.load_arrays(config.data, "train[:40]")
+  pool = normalize(first, config.data.mean, config.data.std).reshape(40, -1)
+  matches = [np.flatnonzero(np.all(pool == image.reshape(1, -1), axis=1)) for image in images]
+  assert all(len(m) >= 1 for m in matches)
+  assert len({int(m[0]) for m in matches}) == 16  # without replacement
+  config.calib.split = "train[:10]"
+  with pytest.raises(ValueError, match=r"calib.split='train\[:10\]' holds 10 images"):
+    calibration_images(config)
+
+
 @pytest.mark.parametrize("split", ["test[", "test[a:b]", "test[1:2:3]"])
 def test_a_malformed_split_slice_is_named(split):
   with pytest.raises(ValueError, match=r"name\[start:stop\]"):

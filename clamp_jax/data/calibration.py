@@ -10,7 +10,8 @@ SOURCES = ("real", "gaussian")
 
 
 def calibration_images(config: ml_collections.ConfigDict) -> np.ndarray:
-  """`config.calib.num_images` float32 images `[N, S, S, C]` from `config.calib.source`."""
+  """`config.calib.num_images` float32 images `[N, S, S, C]` from `config.calib.source` (`real`:
+  drawn without replacement from `config.calib.split`, a split or a slice like `train[:30000]`)."""
   calib, model = config.calib, config.model
   if calib.num_images < 1:
     raise ValueError(f"config.calib.num_images={calib.num_images} must be at least 1")
@@ -19,7 +20,10 @@ def calibration_images(config: ml_collections.ConfigDict) -> np.ndarray:
   if calib.source == "gaussian":
     return rng.standard_normal(shape).astype(np.float32)
   if calib.source == "real":
-    images, _ = data_lib.load_arrays(config.data, "train")
+    images, _ = data_lib.load_arrays(config.data, calib.split)
+    if len(images) < calib.num_images:
+      raise ValueError(f"config.calib.split={calib.split!r} holds {len(images)} images, fewer "
+                       f"than config.calib.num_images={calib.num_images}")
     chosen = rng.choice(len(images), calib.num_images, replace=False)
     return normalize(images[np.sort(chosen)], config.data.mean, config.data.std)
   raise ValueError(f"unknown config.calib.source={calib.source!r}; known: {list(SOURCES)} "
