@@ -76,12 +76,17 @@ def reconstruct_from_args(args: set, quant: ml_collections.ConfigDict) -> ml_col
       and quant.a_bits >= RECONSTRUCT_MIN_A_BITS, extra_images=RECONSTRUCT_EXTRA_IMAGES)
 
 
-def generate_for(model: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
-  """`config.generate` for `model` (a Swin's learning rate is `SWIN_GENERATOR_LR`), then
-  `overrides`."""
+# The generator: `conv` where the rounding reconstruction runs, which carries its gain (held-in
+# W3/A4, BENCHMARKS.md "The convolutional generator as the default"); `pixels` elsewhere, where
+# its ~2.6x longer generation bought nothing measured.
+def generate_for(model: ml_collections.ConfigDict, reconstruct: ml_collections.ConfigDict,
+                 **overrides) -> ml_collections.ConfigDict:
+  """`config.generate` for `model` (a Swin's learning rate is `SWIN_GENERATOR_LR`) and the cycle's
+  `reconstruct` section (the `conv` generator where it is enabled), then `overrides`."""
+  defaults = dict(generator="conv" if reconstruct.enabled else "pixels")
   if model_family(model) == "swin":
-    overrides = dict(dict(lr=SWIN_GENERATOR_LR), **overrides)
-  return generate_config(**overrides)
+    defaults.update(lr=SWIN_GENERATOR_LR)
+  return generate_config(**dict(defaults, **overrides))
 
 
 def calib_config() -> ml_collections.ConfigDict:
@@ -111,9 +116,9 @@ def fmnist_config(model: ml_collections.ConfigDict, args: set, tiny_model: dict,
   config.eval = ml_collections.ConfigDict(dict(batch_size=500, num_images=0, split=""))
   config.calib = calib_config()
   config.quant = quant_from_args(args)
-  config.generate = generate_for(model)
-  config.search = search_config(enabled="minmax" not in args)
   config.reconstruct = reconstruct_from_args(args, config.quant)
+  config.generate = generate_for(model, config.reconstruct)
+  config.search = search_config(enabled="minmax" not in args)
   if "paper" not in args:  # reduced schedule: the full cycle in under 15 minutes on 2 CPU cores
     config.generate.update(refresh_steps=25)
     config.search.update(passes=3)
@@ -150,7 +155,7 @@ def imagenet_config(model_name: str, preset: str, arg: str = "") -> ml_collectio
   config.calib = calib_config()
   config.quant = quant_from_args(args)
   # The paper's schedule: 500 steps of generation, 50-step refreshes, P = 10, C = 6, K = 15.
-  config.generate = generate_for(config.model, steps=500, refresh_steps=50)
-  config.search = search_config(enabled="minmax" not in args)
   config.reconstruct = reconstruct_from_args(args, config.quant)
+  config.generate = generate_for(config.model, config.reconstruct, steps=500, refresh_steps=50)
+  config.search = search_config(enabled="minmax" not in args)
   return config

@@ -145,9 +145,12 @@ def test_impossible_reconstruct_settings_are_named(field, value):
                                          ("w4a3", False), ("w3a3", False), ("w6a6", False),
                                          ("", False)])
 def test_the_cycle_reconstructs_by_default_at_low_bit_weights_and_4_bit_activations(arg, enabled):
-  from configs import deit_s, fmnist_vit
-  assert fmnist_vit.get_config(arg).reconstruct.enabled == enabled
-  assert deit_s.get_config(arg).reconstruct.enabled == enabled
+  from configs import deit_s, fmnist_swin, fmnist_vit
+  for module in (fmnist_vit, deit_s, fmnist_swin):
+    config = module.get_config(arg)
+    assert config.reconstruct.enabled == enabled
+    # the conv generator where the reconstruction runs, the pixels elsewhere
+    assert config.generate.generator == ("conv" if enabled else "pixels")
 
 
 def test_one_program_reconstructs_every_block_as_the_blocks_own_programs_do(tiny, request):
