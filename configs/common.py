@@ -76,9 +76,9 @@ def reconstruct_from_args(args: set, quant: ml_collections.ConfigDict) -> ml_col
       and quant.a_bits >= RECONSTRUCT_MIN_A_BITS, extra_images=RECONSTRUCT_EXTRA_IMAGES)
 
 
-# The generator: `conv` where the rounding reconstruction runs, which carries its gain (held-in
-# W3/A4, BENCHMARKS.md "The convolutional generator as the default"); `pixels` elsewhere, where
-# its ~2.6x longer generation bought nothing measured.
+# The generator: `conv` where the rounding reconstruction runs, which carries its gain (held-in,
+# BENCHMARKS.md "The convolutional generator where the reconstruction runs: the new default");
+# `pixels` elsewhere, where its ~2.6x longer generation bought nothing measured.
 def generate_for(model: ml_collections.ConfigDict, reconstruct: ml_collections.ConfigDict,
                  **overrides) -> ml_collections.ConfigDict:
   """`config.generate` for `model` (a Swin's learning rate is `SWIN_GENERATOR_LR`) and the cycle's
