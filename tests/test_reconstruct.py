@@ -132,6 +132,25 @@ def test_embedding_and_blocks_can_be_left_out(tiny):
   assert [h["block"] for h in history] == [0, 1]
 
 
+def test_the_head_is_rounded_last_on_its_grid_and_brings_the_logits_nearer_the_float_ones(tiny):
+  model, params, images, qparams = tiny
+  cfg = reconstruct_config(steps=150, lr=5e-2, embedding=False, blocks=False, head=True)
+  rounded, _, history = reconstruct(model, params, qparams, images, cfg)
+  assert [h["block"] for h in history] == ["head"]
+  before, after = flatten_params(params), flatten_params(rounded)
+  assert [k for k in before if not np.array_equal(before[k], after[k])] == ["head/kernel"]
+  site = flatten(qparams)["head/kernel"]
+  np.testing.assert_allclose(site(after["head/kernel"]), after["head/kernel"], atol=1e-5)
+  assert float(jnp.max(jnp.abs(after["head/kernel"] - before["head/kernel"]) / site.scale)) <= 1.0 + 1e-4
+  fp = model.apply({"params": params}, images)
+  logits_error = lambda p: float(jnp.mean(jnp.square(
+      model.apply({"params": p, "quant": qparams}, images) - fp)))
+  assert history[0]["after"] < history[0]["before"]
+  assert logits_error(rounded) < logits_error(params)
+  _, _, history = reconstruct(model, params, qparams, images, reconstruct_config(steps=2, head=True))
+  assert [h["block"] for h in history] == ["embedding", 0, 1, "head"]
+
+
 @pytest.mark.parametrize("field,value", [("steps", 0), ("loss", "l1"), ("quantized_input", 1.5),
                                          ("warmup", 1.0), ("lr", 0.0), ("penalty", -1.0),
                                          ("extra_images", -1), ("act_scale_lr", -1e-3)])

@@ -55,6 +55,7 @@ def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
       extra_images=0,
       embedding=True,     # the patch embedding's kernel first (its output against the float one)
       blocks=True,        # then every block's kernels, first to last
+      head=False,         # then the head's (and pre_logits') kernels: the logits against the FP's
       # Each element of the block's input is the quantized stream's with this probability, else
       # the float stream's: 1.0 BRECQ (the quantized stream), 0.5 QDrop, 0.0 the float stream.
       quantized_input=1.0,
@@ -86,6 +87,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 EMBEDDING_KERNEL = "embedding/kernel"
+HEAD_PREFIXES = ("pre_logits/", "head/")
 
 
 def block_weight_sites(qparams: dict, block: int) -> Dict[str, object]:
@@ -200,6 +202,17 @@ class SharedBlockUnit:
     return self.module.apply({"params": _with(params, kernels), "quant": quant}, x)[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class LogitsUnit:
+  """The whole model's logits of images: the head's unit (only its kernels are learned, so
+  the gradient stops at the head)."""
+  model: nn.Module
+
+  def __call__(self, frozen, kernels, x):
+    params, quant = frozen
+    return self.model.apply({"params": _with(params, kernels), "quant": quant}, x)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _error(unit, frozen, kernels, x, y, w):
   """Weighted mean squared error of the unit's output against `y`."""
@@ -288,6 +301,21 @@ def patch_embedding(model, variables: dict, images: jax.Array) -> jax.Array:
   return state[OBSERVE]["patch_embed"][0]
 
 
+def head_weight_sites(qparams: dict) -> Dict[str, object]:
+  """`{param path: SiteQuant}` of the quantized kernels after the encoder (pre_logits, head)."""
+  return {path: site for path, site in flatten(qparams).items()
+          if path.startswith(HEAD_PREFIXES) and site.kind == WEIGHT}
+
+
+def reconstruct_head(model, params: dict, qparams: dict, images: jax.Array,
+                     target: jax.Array, cfg: ml_collections.ConfigDict, key: jax.Array):
+  """The head's kernels rounded so that the quantized model's logits of `images` (every earlier
+  unit as it stands in `params`) match the float model's `target`: `learn_rounding`'s result."""
+  sites = head_weight_sites(qparams)
+  return learn_rounding(LogitsUnit(model), (params, _without(qparams, sites)), sites, images,
+                        images, target, jnp.ones(target.shape), cfg, key)
+
+
 def reconstruct_block(model, params: dict, qparams: dict, block: int, block_in: jax.Array,
                       fp_block_in: jax.Array, target: jax.Array, weights: jax.Array,
                       cfg: ml_collections.ConfigDict, key: jax.Array):
@@ -331,11 +359,12 @@ def error_weights(model, params, images: jax.Array, loss: str, targets: PerBlock
 
 def reconstruct(model, params, qparams: dict, images: jax.Array,
                 cfg: ml_collections.ConfigDict):
-  """`(params, qparams, history)`: `params` with the patch embedding's and every block's kernels
-  rounded by AdaRound on `images` (first to last), `qparams` with the blocks' learned activation
+  """`(params, qparams, history)`: `params` with the patch embedding's, every block's and (with
+  `cfg.head`) the head's kernels rounded by AdaRound on `images` (first to last), `qparams` with the blocks' learned activation
   steps (`cfg.act_scale_lr` > 0; else as given), and per unit the reconstruction error before
   and after."""
   validate(cfg)
+  fp_params = params
   fp_block_in, targets = _streams(model, params, {}, images)  # the float model's, once
   key = jax.random.PRNGKey(cfg.seed)
   weights = error_weights(model, params, images, cfg.loss, targets)
@@ -357,4 +386,11 @@ def reconstruct(model, params, qparams: dict, images: jax.Array,
     history.append(dict(block=block, **errors))
     logging.info("reconstruct block %d: error %.4g -> %.4g", block, errors["before"],
                  errors["after"])
+  if cfg.head and head_weight_sites(qparams):
+    rounded, _, errors = reconstruct_head(model, params, qparams, images,
+                                          model.apply({"params": fp_params}, images), cfg,
+                                          jax.random.fold_in(key, -2 % 2**31))
+    params = flax.traverse_util.unflatten_dict(dict(_flat(params), **rounded), sep="/")
+    history.append(dict(block="head", **errors))
+    logging.info("reconstruct the head: error %.4g -> %.4g", errors["before"], errors["after"])
   return params, qparams, history
