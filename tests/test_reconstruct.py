@@ -10,7 +10,7 @@ from clamp_jax.models.quantized import quant_config
 from clamp_jax.quant import adaround
 from clamp_jax.quant.uniform import fake_quant
 from clamp_jax.search import reconstruct, reconstruct_config
-from clamp_jax.quant.params import ACTIVATION, flatten
+from clamp_jax.quant.params import ACTIVATION, WEIGHT, flatten
 from clamp_jax.search.reconstruct import EMBEDDING_KERNEL, block_weight_sites, validate
 from conftest import calibrated_tiny
 
@@ -119,6 +119,29 @@ def test_learned_activation_steps_change_only_the_blocks_activation_steps_and_lo
     assert b["after"] < a["after"]
   assert block_error(model, learned_params, learned, images, 1) < block_error(
       model, rounded, qparams, images, 1)
+
+
+def test_learned_kernel_steps_keep_each_kernel_on_its_new_grid_and_lower_the_error(tiny):
+  model, params, images, qparams = tiny
+  cfg = reconstruct_config(steps=60, lr=5e-2, head=True)
+  _, _, history = reconstruct(model, params, qparams, images, cfg)
+  learned_params, learned, learned_history = reconstruct(
+      model, params, qparams, images, reconstruct_config(**dict(cfg, w_scale_lr=1e-2)))
+  old, new = flatten(qparams), flatten(learned)
+  moved = {path for path in old if not np.array_equal(old[path].scale, new[path].scale)}
+  kernels = {path for path, site in old.items() if site.kind == WEIGHT}
+  assert len(kernels) == 14 and moved == kernels  # the embedding, 6 per block, the head
+  flat = flatten_params(learned_params)
+  for path in kernels:
+    view = flat[path].reshape(-1, new[path].scale.shape[-1])
+    np.testing.assert_allclose(new[path](view), view, atol=1e-5, err_msg=path)  # on the new grid
+    np.testing.assert_array_equal(old[path].zero_point, new[path].zero_point)
+  assert learned_history[0]["before"] == pytest.approx(history[0]["before"], rel=1e-4)
+  assert all(h["after"] < h["before"] for h in learned_history)
+  fp = model.apply({"params": params}, images)
+  logits_error = lambda p, q: float(jnp.mean(jnp.square(
+      model.apply({"params": p, "quant": q}, images) - fp)))
+  assert logits_error(learned_params, learned) < logits_error(params, qparams)
 
 
 def test_embedding_and_blocks_can_be_left_out(tiny):

@@ -46,6 +46,9 @@ def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
       # Adam on the log of each block activation site's step, learned with the rounding; 0: the
       # search's steps stay.
       act_scale_lr=0.0,
+      # Adam on the log of each rounded kernel's per-channel step, learned with the rounding on
+      # the integer grid fixed at the start (Genie-M); 0: the search's steps stay.
+      w_scale_lr=0.0,
       penalty=0.01,       # weight of the rounding penalty
       beta_start=20.0, beta_end=2.0,
       warmup=0.2,         # fraction of the steps without the penalty
@@ -76,7 +79,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.reconstruct.{field}={cfg[field]} must be positive")
   if cfg.loss not in LOSSES:
     raise ValueError(f"config.reconstruct.loss={cfg.loss!r}; known: {LOSSES}")
-  for field in ("penalty", "batch_size", "extra_images", "act_scale_lr"):
+  for field in ("penalty", "batch_size", "extra_images", "act_scale_lr", "w_scale_lr"):
     if cfg[field] < 0:
       raise ValueError(f"config.reconstruct.{field}={cfg[field]} must be 0 or positive")
   if not 0.0 <= cfg.quantized_input <= 1.0:
@@ -120,14 +123,18 @@ def _with(params: dict, kernels: dict) -> dict:
   return flax.traverse_util.unflatten_dict(dict(_flat(params), **kernels), sep="/")
 
 
-def _rounded(kernels: dict, logits: dict, sites: dict, hard: bool) -> dict:
-  """`{path: kernel}` on each site's grid, rounded as the logits say."""
+def _rounded(kernels: dict, logits: dict, sites: dict, hard: bool,
+             w_log_scales: dict) -> dict:
+  """`{path: kernel}` on each site's integer grid, rounded as the logits say, each step times
+  `exp(w_log_scales[path])` where given."""
   out = {}
   for path, kernel in kernels.items():
     site = sites[path]
     view = kernel.reshape(-1, site.scale.shape[-1])  # the site's (inputs, outputs) view
     q = adaround.adaround_fake_quant(view, logits[path], site.scale, site.zero_point, site.bits,
                                      site.signed, hard)
+    if path in w_log_scales:
+      q = q * jnp.exp(w_log_scales[path])
     out[path] = q.reshape(kernel.shape)
   return out
 
@@ -138,6 +145,7 @@ class Schedule:
   steps: int
   lr: float
   act_scale_lr: float
+  w_scale_lr: float
   penalty: float
   beta_start: float
   beta_end: float
@@ -155,10 +163,11 @@ class Schedule:
     return self.beta_end + (self.beta_start - self.beta_end) * (1.0 - frac)
 
   def optimizer(self) -> optax.GradientTransformation:
-    """Adam on `{"logits": ..., "log_scales": ...}`, each at its own rate."""
-    return optax.multi_transform(
-        {"logits": optax.adam(self.lr), "log_scales": optax.adam(self.act_scale_lr)},
-        {"logits": "logits", "log_scales": "log_scales"})
+    """Adam on `{"logits": ..., "log_scales": ..., "w_log_scales": ...}`, each at its rate."""
+    rates = {"logits": self.lr, "log_scales": self.act_scale_lr,
+             "w_log_scales": self.w_scale_lr}
+    return optax.multi_transform({name: optax.adam(rate) for name, rate in rates.items()},
+                                 {name: name for name in rates})
 
 
 # A unit's output is `unit(frozen, kernels, x)`: `frozen` = (the params, the activation
@@ -222,11 +231,12 @@ def _error(unit, frozen, kernels, x, y, w):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _step(unit, schedule: Schedule, learned, opt_state, i, frozen, kernels, sites, x, x_fp, y, w,
           key):
-  """One Adam step on `learned` (`{"logits": rounding logits, "log_scales": activation steps}`),
+  """One Adam step on `learned` (`{"logits": rounding logits, "log_scales": activation steps,
+  "w_log_scales": kernel steps}`),
   each input element drawn from `x` with probability `schedule.quantized_input`, else from
   `x_fp`."""
   def loss(learned, x):
-    rounded = _rounded(kernels, learned["logits"], sites, hard=False)
+    rounded = _rounded(kernels, learned["logits"], sites, False, learned["w_log_scales"])
     quant = _rescaled(frozen[1], learned["log_scales"])
     rec = jnp.sum(w * jnp.square(unit((frozen[0], quant), rounded, x) - y)) / x.shape[0]
     penalty = sum(adaround.rounding_penalty(v, schedule.beta(i))
@@ -243,10 +253,11 @@ def _step(unit, schedule: Schedule, learned, opt_state, i, frozen, kernels, site
 def learn_rounding(unit, frozen, sites: dict, x: jax.Array, x_fp: jax.Array, target: jax.Array,
                    weights: jax.Array, cfg: ml_collections.ConfigDict, key: jax.Array,
                    act_paths=()):
-  """`({kernel path: rounded kernel}, {activation path: SiteQuant}, {"before", "after"})`: the
-  kernels of `sites` (paths in `frozen`'s params) rounded so that the unit's output from `x`
-  matches `target`; the activation sites `act_paths` (in `frozen`'s QuantParams) with their
-  learned steps (when `cfg.act_scale_lr` > 0); and the weighted mean squared error (hard
+  """`({kernel path: rounded kernel}, {path: SiteQuant}, {"before", "after"})`: the kernels of
+  `sites` (paths in `frozen`'s params) rounded so that the unit's output from `x` matches
+  `target`; the sites whose steps were learned, with those steps — the activation sites
+  `act_paths` (paths in `frozen`'s QuantParams; when `cfg.act_scale_lr` > 0) and the kernels'
+  (paths in its params; when `cfg.w_scale_lr` > 0); and the weighted mean squared error (hard
   rounding, from `x`) before (nearest rounding, the search's steps) and after. Each step's input
   takes each element from `x` with probability `cfg.quantized_input`, else from `x_fp`."""
   flat_params = _flat(frozen[0])
@@ -257,7 +268,9 @@ def learn_rounding(unit, frozen, sites: dict, x: jax.Array, x_fp: jax.Array, tar
   learned = dict(
       logits={path: adaround.init_logits(view(path), sites[path].scale) for path in kernels},
       log_scales={path: jnp.zeros_like(act_sites[path].scale)
-                  for path in (act_paths if cfg.act_scale_lr > 0 else ())})
+                  for path in (act_paths if cfg.act_scale_lr > 0 else ())},
+      w_log_scales={path: jnp.zeros_like(sites[path].scale)
+                    for path in (kernels if cfg.w_scale_lr > 0 else ())})
   nearest = {path: sites[path](view(path)).reshape(kernels[path].shape) for path in kernels}
   before = float(_error(unit, frozen, nearest, x, target, weights))
   opt_state = schedule.optimizer().init(learned)
@@ -270,12 +283,15 @@ def learn_rounding(unit, frozen, sites: dict, x: jax.Array, x_fp: jax.Array, tar
     learned, opt_state = _step(unit, schedule, learned, opt_state, jnp.asarray(i, jnp.float32),
                                frozen, kernels, sites, x[idx], x_fp[idx], target[idx],
                                weights[idx], jax.random.fold_in(drop_key, i))
-  rounded = jax.tree_util.tree_map(np.asarray, _rounded(kernels, learned["logits"], sites,
-                                                        hard=True))
+  rounded = jax.tree_util.tree_map(np.asarray, _rounded(kernels, learned["logits"], sites, True,
+                                                        learned["w_log_scales"]))
   quant = _rescaled(frozen[1], learned["log_scales"])
   after = float(_error(unit, (frozen[0], quant), rounded, x, target, weights))
-  learned_sites = {path: jax.tree_util.tree_map(np.asarray, site)
-                   for path, site in flatten(quant).items() if path in learned["log_scales"]}
+  learned_sites = {path: site for path, site in flatten(quant).items()
+                   if path in learned["log_scales"]}
+  learned_sites.update({path: sites[path].replace(scale=sites[path].scale * jnp.exp(log_scale))
+                        for path, log_scale in learned["w_log_scales"].items()})
+  learned_sites = jax.tree_util.tree_map(np.asarray, learned_sites)
   return rounded, learned_sites, dict(before=before, after=after)
 
 
@@ -287,7 +303,7 @@ def _without(qparams: dict, sites: dict) -> dict:
 def reconstruct_embedding(model, params: dict, qparams: dict, images: jax.Array,
                           cfg: ml_collections.ConfigDict, key: jax.Array):
   """The patch embedding's kernel rounded so that its output (site `patch_embed`) on the
-  (quantized) images matches the float model's: `learn_rounding`'s result (no activation site
+  (quantized) images matches the float model's: `learn_rounding`'s result (no activation step
   learned)."""
   sites = {p: s for p, s in flatten(qparams).items() if p == EMBEDDING_KERNEL}
   target = patch_embedding(model, {"params": params}, images)
@@ -360,37 +376,35 @@ def error_weights(model, params, images: jax.Array, loss: str, targets: PerBlock
 def reconstruct(model, params, qparams: dict, images: jax.Array,
                 cfg: ml_collections.ConfigDict):
   """`(params, qparams, history)`: `params` with the patch embedding's, every block's and (with
-  `cfg.head`) the head's kernels rounded by AdaRound on `images` (first to last), `qparams` with the blocks' learned activation
-  steps (`cfg.act_scale_lr` > 0; else as given), and per unit the reconstruction error before
-  and after."""
+  `cfg.head`) the head's kernels rounded by AdaRound on `images` (first to last), `qparams` with
+  the learned steps (`cfg.act_scale_lr`, `cfg.w_scale_lr` > 0; else as given), and per unit the
+  reconstruction error before and after."""
   validate(cfg)
   fp_params = params
   fp_block_in, targets = _streams(model, params, {}, images)  # the float model's, once
   key = jax.random.PRNGKey(cfg.seed)
   weights = error_weights(model, params, images, cfg.loss, targets)
   history = []
-  if cfg.embedding and EMBEDDING_KERNEL in flatten(qparams):  # before any block: float params
-    rounded, _, errors = reconstruct_embedding(model, params, qparams, images, cfg,
-                                               jax.random.fold_in(key, -1 % 2**31))
-    params = flax.traverse_util.unflatten_dict(dict(_flat(params), **rounded), sep="/")
-    history.append(dict(block="embedding", **errors))
-    logging.info("reconstruct the patch embedding: error %.4g -> %.4g", errors["before"],
-                 errors["after"])
-  for block in range(model.num_layers if cfg.blocks else 0):
-    block_in = _streams(model, params, qparams, images)[0]  # earlier units rounded
-    rounded, learned_sites, errors = reconstruct_block(
-        model, params, qparams, block, block_in[block], fp_block_in[block], targets[block],
-        weights[block], cfg, jax.random.fold_in(key, block))
+
+  def take(unit_name, result):
+    nonlocal params, qparams
+    rounded, learned_sites, errors = result
     params = flax.traverse_util.unflatten_dict(dict(_flat(params), **rounded), sep="/")
     qparams = unflatten(dict(flatten(qparams), **learned_sites))
-    history.append(dict(block=block, **errors))
-    logging.info("reconstruct block %d: error %.4g -> %.4g", block, errors["before"],
-                 errors["after"])
+    history.append(dict(block=unit_name, **errors))
+    logging.info("reconstruct %s: error %.4g -> %.4g", f"block {unit_name}" if isinstance(
+        unit_name, int) else f"the {unit_name}", errors["before"], errors["after"])
+
+  if cfg.embedding and EMBEDDING_KERNEL in flatten(qparams):  # before any block: float params
+    take("embedding", reconstruct_embedding(model, params, qparams, images, cfg,
+                                            jax.random.fold_in(key, -1 % 2**31)))
+  for block in range(model.num_layers if cfg.blocks else 0):
+    block_in = _streams(model, params, qparams, images)[0]  # earlier units rounded
+    take(block, reconstruct_block(model, params, qparams, block, block_in[block],
+                                  fp_block_in[block], targets[block], weights[block], cfg,
+                                  jax.random.fold_in(key, block)))
   if cfg.head and head_weight_sites(qparams):
-    rounded, _, errors = reconstruct_head(model, params, qparams, images,
-                                          model.apply({"params": fp_params}, images), cfg,
-                                          jax.random.fold_in(key, -2 % 2**31))
-    params = flax.traverse_util.unflatten_dict(dict(_flat(params), **rounded), sep="/")
-    history.append(dict(block="head", **errors))
-    logging.info("reconstruct the head: error %.4g -> %.4g", errors["before"], errors["after"])
+    take("head", reconstruct_head(model, params, qparams, images,
+                                  model.apply({"params": fp_params}, images), cfg,
+                                  jax.random.fold_in(key, -2 % 2**31)))
   return params, qparams, history
