@@ -201,11 +201,13 @@ def checkpoint(tmp_path_factory):
 
 
 def cycle_args(checkpoint, workdir):
-  """Generated images refreshed every generation, 2 passes, then the rounding reconstruction."""
+  """Generated images refreshed every generation, 2 passes, then the rounding reconstruction
+  (the head too, and the kernels' steps learned: the export must carry them)."""
   return ["--config=configs/fmnist_swin.py:tiny,w3a4", f"--workdir={workdir}",
           f"--config.model.checkpoint={checkpoint}", f"--config.eval.num_images={NUM_EVAL}",
           "--config.search.passes=2", "--config.search.refresh_every=1",
-          "--config.reconstruct.enabled=True"]
+          "--config.reconstruct.enabled=True", "--config.reconstruct.head=True",
+          "--config.reconstruct.w_scale_lr=1e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +235,7 @@ def test_killed_swin_run_resumes_to_the_same_result(tmp_path, checkpoint, env, r
     assert results[key] == expected[key], key
   assert [(h["pass_"], h["block"]) for h in results["search_history"]] == \
       [(p, b) for p in range(2) for b in (3, 2, 1, 0)]
-  assert [h["block"] for h in results["reconstruct"]] == ["embedding", 0, 1, 2, 3]
+  assert [h["block"] for h in results["reconstruct"]] == ["embedding", 0, 1, 2, 3, "head"]
 
 
 def test_swin_export_evaluates_to_the_run_top1(tmp_path, checkpoint, env, reference):
