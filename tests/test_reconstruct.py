@@ -66,6 +66,13 @@ def block_error(model, params, qparams, images, block):
   return float(jnp.mean(jnp.square(q["block"][block] - fp["block"][block])))
 
 
+def logits_error(model, fp_params, params, qparams, images):
+  """Mean squared error of the logits, `params` under `qparams` against the float `fp_params`."""
+  fp = model.apply({"params": fp_params}, images)
+  return float(jnp.mean(jnp.square(model.apply({"params": params, "quant": qparams}, images)
+                                   - fp)))
+
+
 def test_reconstruction_moves_kernels_to_a_neighbouring_grid_point_and_lowers_the_error(tiny):
   model, params, images, qparams = tiny
   cfg = reconstruct_config(steps=150, loss="mse", quantized_input=1.0, lr=5e-2)
@@ -138,10 +145,8 @@ def test_learned_kernel_steps_keep_each_kernel_on_its_new_grid_and_lower_the_err
     np.testing.assert_array_equal(old[path].zero_point, new[path].zero_point)
   assert learned_history[0]["before"] == pytest.approx(history[0]["before"], rel=1e-4)
   assert all(h["after"] < h["before"] for h in learned_history)
-  fp = model.apply({"params": params}, images)
-  logits_error = lambda p, q: float(jnp.mean(jnp.square(
-      model.apply({"params": p, "quant": q}, images) - fp)))
-  assert logits_error(learned_params, learned) < logits_error(params, qparams)
+  assert logits_error(model, params, learned_params, learned, images) < logits_error(
+      model, params, params, qparams, images)
 
 
 def test_embedding_and_blocks_can_be_left_out(tiny):
@@ -165,11 +170,9 @@ def test_the_head_is_rounded_last_on_its_grid_and_brings_the_logits_nearer_the_f
   site = flatten(qparams)["head/kernel"]
   np.testing.assert_allclose(site(after["head/kernel"]), after["head/kernel"], atol=1e-5)
   assert float(jnp.max(jnp.abs(after["head/kernel"] - before["head/kernel"]) / site.scale)) <= 1.0 + 1e-4
-  fp = model.apply({"params": params}, images)
-  logits_error = lambda p: float(jnp.mean(jnp.square(
-      model.apply({"params": p, "quant": qparams}, images) - fp)))
   assert history[0]["after"] < history[0]["before"]
-  assert logits_error(rounded) < logits_error(params)
+  assert logits_error(model, params, rounded, qparams, images) < logits_error(
+      model, params, params, qparams, images)
   _, _, history = reconstruct(model, params, qparams, images, reconstruct_config(steps=2, head=True))
   assert [h["block"] for h in history] == ["embedding", 0, 1, "head"]
 

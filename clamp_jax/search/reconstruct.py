@@ -106,12 +106,17 @@ def block_activation_paths(qparams: dict, prefix: str = "") -> list:
           if path.startswith(prefix) and site.has_scale]
 
 
+def _step_times_exp(site, log_scale):
+  """`site` with its step times `exp(log_scale)`."""
+  return site.replace(scale=site.scale * jnp.exp(log_scale))
+
+
 def _rescaled(quant: dict, log_scales: dict) -> dict:
   """`quant` with the step of each site named in `log_scales` times `exp(log_scale)`."""
   if not log_scales:
     return quant
-  return replace_sites(quant, lambda path, site: site.replace(
-      scale=site.scale * jnp.exp(log_scales[path])) if path in log_scales else site)
+  return replace_sites(quant, lambda path, site: _step_times_exp(site, log_scales[path])
+                       if path in log_scales else site)
 
 
 def _flat(params) -> dict:
@@ -289,7 +294,7 @@ def learn_rounding(unit, frozen, sites: dict, x: jax.Array, x_fp: jax.Array, tar
   after = float(_error(unit, (frozen[0], quant), rounded, x, target, weights))
   learned_sites = {path: site for path, site in flatten(quant).items()
                    if path in learned["log_scales"]}
-  learned_sites.update({path: sites[path].replace(scale=sites[path].scale * jnp.exp(log_scale))
+  learned_sites.update({path: _step_times_exp(sites[path], log_scale)
                         for path, log_scale in learned["w_log_scales"].items()})
   learned_sites = jax.tree_util.tree_map(np.asarray, learned_sites)
   return rounded, learned_sites, dict(before=before, after=after)
