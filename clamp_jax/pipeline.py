@@ -105,10 +105,11 @@ class Refresher:
 
 
 def reconstruction_images(config: ml_collections.ConfigDict, model, params,
-                          images: jax.Array) -> jax.Array:
+                          images: jax.Array, qparams: dict) -> jax.Array:
   """The search's final `images` and `config.reconstruct.extra_images` more of the calibration
   source, drawn apart from the first ones (for psaq/clamp a fresh generation against the float
-  model, like the first one)."""
+  model, like the first one; clamp's contrastive anchor `config.reconstruct.extra_anchor`: a
+  min-max model of the new images, or `qparams`, the search's)."""
   extra = config.reconstruct.extra_images
   if not extra:
     return images
@@ -118,7 +119,8 @@ def reconstruction_images(config: ml_collections.ConfigDict, model, params,
     logging.info("the reconstruction's %d more %s images (%d generation steps)", extra,
                  config.calib.source, config.generate.steps)
     key = jax.random.fold_in(jax.random.PRNGKey(config.generate.seed), 1)
-    new, _, _, _ = generate(generation_config(more), model, params, None, key=key)
+    anchor = qparams if config.reconstruct.extra_anchor == "search" else None
+    new, _, _, _ = generate(generation_config(more), model, params, anchor, key=key)
   else:
     new = calibration_images(more)
   return jnp.concatenate([jnp.asarray(images), jnp.asarray(new, images.dtype)])
@@ -254,7 +256,7 @@ def quantize(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.time()
     extra["before_reconstruct_top1"] = evaluate_params(config, model, params,
                                                        {"quant": state.qparams})["top1"]
-    images = reconstruction_images(config, model, params, state.images)
+    images = reconstruction_images(config, model, params, state.images, state.qparams)
     rounded, state.qparams, extra["reconstruct"] = reconstruct(model, params, state.qparams,
                                                                images, config.reconstruct)
     extra.update(reconstruct_seconds=time.time() - t0, reconstruct_images=int(images.shape[0]))

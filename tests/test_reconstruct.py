@@ -179,7 +179,8 @@ def test_the_head_is_rounded_last_on_its_grid_and_brings_the_logits_nearer_the_f
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("loss", "l1"), ("quantized_input", 1.5),
                                          ("warmup", 1.0), ("lr", 0.0), ("penalty", -1.0),
-                                         ("extra_images", -1), ("act_scale_lr", -1e-3)])
+                                         ("extra_images", -1), ("act_scale_lr", -1e-3),
+                                         ("extra_anchor", "fp")])
 def test_impossible_reconstruct_settings_are_named(field, value):
   with pytest.raises(ValueError, match=f"config.reconstruct.{field}"):
     validate(reconstruct_config(**{field: value}))
@@ -234,6 +235,7 @@ def test_extra_images_join_the_searchs_and_are_drawn_apart_from_the_first_ones(s
   from clamp_jax.data.calibration import calibration_images
   from clamp_jax.generate import generate
   from clamp_jax.models import build_model
+  from clamp_jax.models.quantized import calibrate
   from clamp_jax.pipeline import generation_config, reconstruction_images
   from conftest import random_params
   config = fmnist_vit.get_config("tiny,w4a4")
@@ -244,14 +246,21 @@ def test_extra_images_join_the_searchs_and_are_drawn_apart_from_the_first_ones(s
   else:
     first = generate(generation_config(config), model, params, None)[0]
   searched = first + 0.01  # the search's final images: the first ones, refreshed
+  qparams = calibrate(model, params, searched, config.quant)  # the search's QuantParams
   config.reconstruct.extra_images = 0
-  assert reconstruction_images(config, model, params, searched) is searched
+  assert reconstruction_images(config, model, params, searched, qparams) is searched
   config.reconstruct.extra_images = 3
-  out = reconstruction_images(config, model, params, searched)
+  out = reconstruction_images(config, model, params, searched, qparams)
   assert out.shape == (searched.shape[0] + 3,) + searched.shape[1:]
   np.testing.assert_array_equal(out[:searched.shape[0]], searched)
   extra = np.asarray(out[searched.shape[0]:])
   assert np.all(np.isfinite(extra)) and extra.std() > 0.1
   distance = np.abs(extra[:, None] - np.asarray(first)[None]).mean(axis=(2, 3, 4))
   assert distance.min() > 0.05  # none a copy of a first image
-  np.testing.assert_array_equal(reconstruction_images(config, model, params, searched), out)
+  again = reconstruction_images(config, model, params, searched, qparams)
+  np.testing.assert_array_equal(again, out)
+  # anchored on the search's QuantParams, clamp's extra images are others (noise is noise)
+  config.reconstruct.extra_anchor = "search"
+  against_search = np.asarray(reconstruction_images(config, model, params, searched, qparams))
+  np.testing.assert_array_equal(against_search[:searched.shape[0]], searched)
+  assert np.allclose(against_search, out) == (source == "gaussian")

@@ -34,6 +34,7 @@ from clamp_jax.search.evaluator import (PerBlock, block_sites, blocks_share_a_pr
 
 
 LOSSES = ("fisher", "mse")
+EXTRA_ANCHORS = ("start", "search")
 
 
 def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
@@ -56,6 +57,10 @@ def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
       # Images beyond the search's: this many more of the calibration source (a fresh generation
       # for psaq/clamp), fitted on together with the search's final images.
       extra_images=0,
+      # The quantized model that anchors the extra images' contrastive loss (clamp): "start",
+      # min-max on the new images as in the first generation, or "search", the search's
+      # QuantParams (the model about to be reconstructed, as the search's refreshes do).
+      extra_anchor="start",
       embedding=True,     # the patch embedding's kernel first (its output against the float one)
       blocks=True,        # then every block's kernels, first to last
       head=False,         # then the head's (and pre_logits') kernels: the logits against the FP's
@@ -79,6 +84,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.reconstruct.{field}={cfg[field]} must be positive")
   if cfg.loss not in LOSSES:
     raise ValueError(f"config.reconstruct.loss={cfg.loss!r}; known: {LOSSES}")
+  if cfg.extra_anchor not in EXTRA_ANCHORS:
+    raise ValueError(f"config.reconstruct.extra_anchor={cfg.extra_anchor!r}; known: "
+                     f"{EXTRA_ANCHORS}")
   for field in ("penalty", "batch_size", "extra_images", "act_scale_lr", "w_scale_lr"):
     if cfg[field] < 0:
       raise ValueError(f"config.reconstruct.{field}={cfg[field]} must be 0 or positive")
