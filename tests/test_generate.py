@@ -162,6 +162,14 @@ def test_total_variation_and_cross_entropy():
                              -(np.log(0.5) + np.log(0.8)) / 2, rtol=1e-6)
 
 
+def test_logits_kl_against_its_formula():
+  p = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+  q = jnp.log(jnp.array([[0.25, 0.5, 0.25], [0.1, 0.1, 0.8]]))
+  kl_first = 0.5 * np.log(2) + 0.25 * np.log(0.5)  # the second image: P = Q, KL 0
+  np.testing.assert_allclose(jax.jit(gen.logits_kl)(p + 3.0, q), kl_first / 2, rtol=1e-6)
+  assert float(gen.logits_kl(p, p)) == pytest.approx(0.0, abs=1e-7)
+
+
 # --- config, augmentation, PNG ---------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, field", [
@@ -170,7 +178,7 @@ def test_total_variation_and_cross_entropy():
     (dict(positives=0), "positives"), (dict(positives=8), "positives"),
     (dict(tau=0.0), "tau"), (dict(lr=-1.0), "lr"), (dict(b2=1.0), "b2"),
     (dict(method="gan"), "method"), (dict(generator="vae"), "generator"),
-    (dict(w_tv=-0.1), "w_tv"), (dict(w_contrast=0.0, w_ce=0.0, w_tv=0.0), "w_contrast"),
+    (dict(w_tv=-0.1), "w_tv"), (dict(w_disagree=-1.0), "w_disagree"), (dict(w_contrast=0.0, w_ce=0.0, w_tv=0.0), "w_contrast"),
 ])
 def test_validate_names_the_field(overrides, field):
   gen.validate(gen.generate_config())
@@ -289,6 +297,18 @@ def test_generation_lowers_the_loss(tiny, method, generator):
   q = qparams if method == "clamp" else {}  # PSAQ-ViT never looks at Q
   images, targets, _, report = gen.generate(config, model, params, q, jax.random.PRNGKey(1))
   check_report(config, images, targets, report, steps=30)
+
+
+def test_the_disagreement_term_makes_images_where_q_departs_from_p(tiny, clamp_run):
+  model, params, qparams, _ = tiny
+  _, (plain, _, _, _) = clamp_run
+  config = small_config(w_disagree=100.0)  # KL is ~1e-3 on this W4/A4 toy
+  images, _, _, report = gen.generate(config, model, params, qparams, jax.random.PRNGKey(0))
+  assert set(report["final_terms"]) == {"contrast", "disagree", "ce", "tv"}
+  kl = lambda x: float(gen.logits_kl(model.apply({"params": params}, x),
+                                     model.apply({"params": params, "quant": qparams}, x)))
+  assert report["final_terms"]["disagree"] == pytest.approx(kl(images), rel=1e-4)
+  assert kl(images) > 1.5 * kl(plain)  # the same seed without the term
 
 
 def test_warm_start_continues_from_the_given_state(tiny, clamp_run):

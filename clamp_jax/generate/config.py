@@ -21,6 +21,9 @@ def generate_config(**overrides) -> ml_collections.ConfigDict:
       flip=True,
       neighbourhood=3, positives=4, tau=0.1,
       w_contrast=1.0, w_ce=1.0, w_tv=0.05, w_pse=1.0,
+      # clamp: minus this times KL(P || Q) of the logits, images where Q departs from P
+      # (PSAQ-ViT V2's adversarial term); 0: off
+      w_disagree=0.0,
       seed=0,                # used when `generate` is given no key
   )
   unknown = set(overrides) - set(fields)
@@ -58,7 +61,7 @@ def validate(gen_cfg: ml_collections.ConfigDict) -> None:
   if not 1 <= gen_cfg.positives <= k * k - 2:
     fail("positives", f"must be between 1 and {k * k - 2} (one negative must remain of the "
                       f"{k * k - 1} neighbours)")
-  for field in ("w_contrast", "w_ce", "w_tv", "w_pse"):
+  for field in ("w_contrast", "w_ce", "w_tv", "w_pse", "w_disagree"):
     if gen_cfg[field] < 0:
       fail(field, "must be >= 0 (0 disables the term)")
   main = "w_contrast" if gen_cfg.method == "clamp" else "w_pse"

@@ -37,8 +37,9 @@ def learning_rates(gen_cfg: ml_collections.ConfigDict, steps: int) -> np.ndarray
 
 
 def uses_q(gen_cfg: ml_collections.ConfigDict) -> bool:
-  """Whether the loss looks at the quantized model Q (CLAMP's contrastive term)."""
-  return gen_cfg.method == "clamp" and gen_cfg.w_contrast > 0
+  """Whether the loss looks at the quantized model Q (CLAMP's contrastive term, or the
+  disagreement term)."""
+  return gen_cfg.method == "clamp" and (gen_cfg.w_contrast > 0 or gen_cfg.w_disagree > 0)
 
 
 def make_loss(config: ml_collections.ConfigDict, model: nn.Module):
@@ -56,10 +57,15 @@ def make_loss(config: ml_collections.ConfigDict, model: nn.Module):
     terms = {"logits": logits}
     loss = 0.0
     if uses_q(gen_cfg):
-      _, q = model.apply({"params": params, "quant": qparams}, x, return_intermediates=True)
-      terms["contrast"] = losses.blocks_contrastive_loss(
-          q["attn"], fp["attn"], grids, gen_cfg.neighbourhood, gen_cfg.positives, gen_cfg.tau)
-      loss += gen_cfg.w_contrast * terms["contrast"]
+      q_logits, q = model.apply({"params": params, "quant": qparams}, x,
+                                return_intermediates=True)
+      if gen_cfg.w_contrast > 0:
+        terms["contrast"] = losses.blocks_contrastive_loss(
+            q["attn"], fp["attn"], grids, gen_cfg.neighbourhood, gen_cfg.positives, gen_cfg.tau)
+        loss += gen_cfg.w_contrast * terms["contrast"]
+      if gen_cfg.w_disagree > 0:
+        terms["disagree"] = losses.logits_kl(logits, q_logits)
+        loss -= gen_cfg.w_disagree * terms["disagree"]
     if use_pse:
       terms["pse"] = losses.blocks_similarity_entropy(fp["attn"], grids)
       loss -= gen_cfg.w_pse * terms["pse"]
@@ -114,7 +120,7 @@ def generate(config: ml_collections.ConfigDict, model: nn.Module, params, qparam
   `model`: ours, or a foreign linen ViT as a `models.foreign.ForeignViT`. `qparams`: Q's
   `QuantParams` (the anchors of the contrastive loss; a foreign model's from `calibrate_layers`);
   None calibrates Q with `config.quant` on the initial images (the min-max initialised model;
-  our models only); unused by `psaq` and when `w_contrast` is 0. `key`: None uses
+  our models only); unused by `psaq` and when `w_contrast` and `w_disagree` are 0. `key`: None uses
   `config.generate.seed`. `init_state` (a previous `state`) warm-starts a refresh with a fresh
   optimizer; `steps` defaults to `steps` for a first generation and `refresh_steps` for a refresh.
   `images` are the final un-augmented images, inside the valid normalised range.

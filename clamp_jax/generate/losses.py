@@ -150,6 +150,12 @@ def total_variation(images: jax.Array) -> jax.Array:
   return dy + dx
 
 
+def logits_kl(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+  """Mean over images of KL(softmax(p_logits) || softmax(q_logits)), `[B, classes]` each."""
+  log_p = jax.nn.log_softmax(p_logits)
+  return jnp.sum(jnp.exp(log_p) * (log_p - jax.nn.log_softmax(q_logits)), axis=-1).mean()
+
+
 def target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy of `logits [B, classes]` against integer `targets [B]`."""
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
