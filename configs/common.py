@@ -65,15 +65,21 @@ RECONSTRUCT_MIN_A_BITS = 4
 # (held-in, 3-6 seeds) +0.24 / +1.15 / +0.93 over the 32 alone, where it over-fitted
 # (BENCHMARKS.md "More images for the reconstruction").
 RECONSTRUCT_EXTRA_IMAGES = 96
+# The head's kernels are rounded too (against the float model's logits) at weights of at most
+# this many bits: at W2/A8 +1.16 / +0.41 / +0.20 on three models, all 12 seeds up; level at W3/A4
+# (+0.07), so not spent there (BENCHMARKS.md "The head reconstructed at 2-bit weights").
+RECONSTRUCT_HEAD_MAX_W_BITS = 2
 
 
 def reconstruct_from_args(args: set, quant: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.reconstruct`: on for the full cycle at low-bit weights and at least 4-bit
   activations (`RECONSTRUCT_MAX_W_BITS`, `RECONSTRUCT_MIN_A_BITS`), off with `minmax`; with
-  `RECONSTRUCT_EXTRA_IMAGES` images of its own."""
+  `RECONSTRUCT_EXTRA_IMAGES` images of its own; the head included at weights of at most
+  `RECONSTRUCT_HEAD_MAX_W_BITS`."""
   return reconstruct_config(
       enabled="minmax" not in args and quant.w_bits <= RECONSTRUCT_MAX_W_BITS
-      and quant.a_bits >= RECONSTRUCT_MIN_A_BITS, extra_images=RECONSTRUCT_EXTRA_IMAGES)
+      and quant.a_bits >= RECONSTRUCT_MIN_A_BITS, extra_images=RECONSTRUCT_EXTRA_IMAGES,
+      head=quant.w_bits <= RECONSTRUCT_HEAD_MAX_W_BITS)
 
 
 # The generator: `conv` where the rounding reconstruction runs, which carries its gain (held-in,

@@ -195,6 +195,7 @@ def test_the_cycle_reconstructs_by_default_at_low_bit_weights_and_4_bit_activati
   for module in (fmnist_vit, deit_s, fmnist_swin):
     config = module.get_config(arg)
     assert config.reconstruct.enabled == enabled
+    assert config.reconstruct.head == (arg == "w2a8")  # the head too at 2-bit weights
     # the conv generator where the reconstruction runs, the pixels elsewhere
     assert config.generate.generator == ("conv" if enabled else "pixels")
 
