@@ -66,7 +66,7 @@ RECONSTRUCT_MIN_A_BITS = 4
 # (BENCHMARKS.md "More images for the reconstruction").
 RECONSTRUCT_EXTRA_IMAGES = 96
 # The head's kernels are rounded too (against the float model's logits) at weights of at most
-# this many bits: at W2/A8 +1.16 / +0.41 / +0.20 on three models, all 12 seeds up; level at W3/A4
+# this many bits: at W2/A8 +1.16 / +0.41 / +0.21 on three models, all 12 seeds up; level at W3/A4
 # (+0.07), so not spent there (BENCHMARKS.md "The head reconstructed at 2-bit weights").
 RECONSTRUCT_HEAD_MAX_W_BITS = 2
 
