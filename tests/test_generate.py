@@ -178,7 +178,8 @@ def test_logits_kl_against_its_formula():
     (dict(positives=0), "positives"), (dict(positives=8), "positives"),
     (dict(tau=0.0), "tau"), (dict(lr=-1.0), "lr"), (dict(b2=1.0), "b2"),
     (dict(method="gan"), "method"), (dict(generator="vae"), "generator"),
-    (dict(w_tv=-0.1), "w_tv"), (dict(w_disagree=-1.0), "w_disagree"), (dict(w_contrast=0.0, w_ce=0.0, w_tv=0.0), "w_contrast"),
+    (dict(w_tv=-0.1), "w_tv"), (dict(w_disagree=-1.0), "w_disagree"),
+    (dict(w_contrast=0.0, w_ce=0.0, w_tv=0.0), "w_contrast"),
 ])
 def test_validate_names_the_field(overrides, field):
   gen.validate(gen.generate_config())

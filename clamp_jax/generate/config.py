@@ -65,5 +65,6 @@ def validate(gen_cfg: ml_collections.ConfigDict) -> None:
     if gen_cfg[field] < 0:
       fail(field, "must be >= 0 (0 disables the term)")
   main = "w_contrast" if gen_cfg.method == "clamp" else "w_pse"
-  if gen_cfg[main] == 0 and gen_cfg.w_ce == 0 and gen_cfg.w_tv == 0:
+  disagree = gen_cfg.w_disagree if gen_cfg.method == "clamp" else 0.0
+  if gen_cfg[main] == 0 and gen_cfg.w_ce == 0 and gen_cfg.w_tv == 0 and disagree == 0:
     fail(main, f"is 0 like w_ce and w_tv: the {gen_cfg.method} loss has no term left")
