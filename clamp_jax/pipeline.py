@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from clamp_jax import files
-from clamp_jax.data.calibration import blends, calibration_images
+from clamp_jax.data.calibration import calibration_images
 from clamp_jax.evaluate import evaluate_params
 from clamp_jax.generate import generate, save_png_grid
 from clamp_jax.generate.config import METHODS as GENERATED_SOURCES
@@ -109,18 +109,7 @@ def reconstruction_images(config: ml_collections.ConfigDict, model, params,
   """The search's final `images` and `config.reconstruct.extra_images` more of the calibration
   source, drawn apart from the first ones (for psaq/clamp a fresh generation against the float
   model, like the first one; clamp's contrastive anchor `config.reconstruct.extra_anchor`: a
-  min-max model of the new images, or `qparams`, the search's), then
-  `config.reconstruct.mixup_images` blends of random pairs of them."""
-  images = _with_extra_images(config, model, params, images, qparams)
-  mixed = config.reconstruct.mixup_images
-  if not mixed:
-    return images
-  return jnp.concatenate([images, jnp.asarray(blends(np.asarray(images), mixed,
-                                                      config.reconstruct.seed), images.dtype)])
-
-
-def _with_extra_images(config, model, params, images, qparams):
-  """`images` and `config.reconstruct.extra_images` more (see `reconstruction_images`)."""
+  min-max model of the new images, or `qparams`, the search's)."""
   extra = config.reconstruct.extra_images
   if not extra:
     return images

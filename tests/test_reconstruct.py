@@ -180,7 +180,7 @@ def test_the_head_is_rounded_last_on_its_grid_and_brings_the_logits_nearer_the_f
 @pytest.mark.parametrize("field,value", [("steps", 0), ("loss", "l1"), ("quantized_input", 1.5),
                                          ("warmup", 1.0), ("lr", 0.0), ("penalty", -1.0),
                                          ("extra_images", -1), ("act_scale_lr", -1e-3),
-                                         ("extra_anchor", "fp"), ("mixup_images", -1)])
+                                         ("extra_anchor", "fp")])
 def test_impossible_reconstruct_settings_are_named(field, value):
   with pytest.raises(ValueError, match=f"config.reconstruct.{field}"):
     validate(reconstruct_config(**{field: value}))
@@ -265,21 +265,3 @@ def test_extra_images_join_the_searchs_and_are_drawn_apart_from_the_first_ones(s
   against_search = np.asarray(reconstruction_images(config, model, params, searched, qparams))
   np.testing.assert_array_equal(against_search[:searched.shape[0]], searched)
   assert np.allclose(against_search, out) == (source == "gaussian")
-  config.reconstruct.mixup_images = 5  # then blends of pairs of those
-  mixed = np.asarray(reconstruction_images(config, model, params, searched, qparams))
-  np.testing.assert_array_equal(mixed[:len(against_search)], against_search)
-  assert mixed.shape[0] == len(against_search) + 5
-
-
-def test_blends_are_convex_mixes_of_two_distinct_images():
-  from clamp_jax.data.calibration import blends
-  images = np.arange(4, dtype=np.float32)[:, None, None, None] * np.ones((4, 3, 3, 2), np.float32)
-  mixed = blends(images, 200, seed=0)
-  assert mixed.shape == (200, 3, 3, 2) and mixed.dtype == np.float32
-  value = mixed[:, 0, 0, 0]
-  np.testing.assert_array_equal(mixed, value[:, None, None, None] * np.ones_like(mixed))
-  assert value.min() >= 0 and value.max() <= 3
-  assert np.mean(value != np.round(value)) > 0.95  # a blend, not a copy of one image
-  np.testing.assert_array_equal(blends(images, 200, seed=0), mixed)
-  with pytest.raises(ValueError, match="at least 2 images"):
-    blends(images[:1], 3, seed=0)

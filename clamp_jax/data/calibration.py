@@ -28,16 +28,3 @@ def calibration_images(config: ml_collections.ConfigDict) -> np.ndarray:
     return normalize(images[np.sort(chosen)], config.data.mean, config.data.std)
   raise ValueError(f"unknown config.calib.source={calib.source!r}; known: {list(SOURCES)} "
                    f"(and the generators 'psaq', 'clamp')")
-
-
-def blends(images: np.ndarray, n: int, seed: int) -> np.ndarray:
-  """`n` convex blends `w * a + (1 - w) * b` of random pairs of distinct `images` (mixup), each
-  weight `w` drawn from U(0, 1): new images inside the range of the given ones."""
-  if n and len(images) < 2:
-    raise ValueError(f"blending needs at least 2 images, got {len(images)}")
-  rng = np.random.default_rng(seed)
-  first = rng.integers(0, len(images), n)
-  second = (first + rng.integers(1, len(images), n)) % len(images)  # never the first one
-  w = rng.uniform(size=(n,) + (1,) * (images.ndim - 1)).astype(np.float32)
-  images = np.asarray(images, np.float32)
-  return w * images[first] + (1.0 - w) * images[second]

@@ -61,8 +61,6 @@ def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
       # min-max on the new images as in the first generation, or "search", the search's
       # QuantParams (the model about to be reconstructed, as the search's refreshes do).
       extra_anchor="start",
-      # This many convex blends of two random images of the above (mixup) join them; 0: none.
-      mixup_images=0,
       embedding=True,     # the patch embedding's kernel first (its output against the float one)
       blocks=True,        # then every block's kernels, first to last
       head=False,         # then the head's (and pre_logits') kernels: the logits against the FP's
@@ -89,8 +87,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.extra_anchor not in EXTRA_ANCHORS:
     raise ValueError(f"config.reconstruct.extra_anchor={cfg.extra_anchor!r}; known: "
                      f"{EXTRA_ANCHORS}")
-  for field in ("penalty", "batch_size", "extra_images", "mixup_images", "act_scale_lr",
-                "w_scale_lr"):
+  for field in ("penalty", "batch_size", "extra_images", "act_scale_lr", "w_scale_lr"):
     if cfg[field] < 0:
       raise ValueError(f"config.reconstruct.{field}={cfg[field]} must be 0 or positive")
   if not 0.0 <= cfg.quantized_input <= 1.0:
