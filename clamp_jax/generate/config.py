@@ -33,6 +33,12 @@ def generate_config(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
+def uses_q(gen_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the loss looks at the quantized model Q (CLAMP's contrastive term, or the
+  disagreement term)."""
+  return gen_cfg.method == "clamp" and (gen_cfg.w_contrast > 0 or gen_cfg.w_disagree > 0)
+
+
 def validate(gen_cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first impossible `config.generate` value."""
   def fail(field, why):
@@ -65,6 +71,5 @@ def validate(gen_cfg: ml_collections.ConfigDict) -> None:
     if gen_cfg[field] < 0:
       fail(field, "must be >= 0 (0 disables the term)")
   main = "w_contrast" if gen_cfg.method == "clamp" else "w_pse"
-  disagree = gen_cfg.w_disagree if gen_cfg.method == "clamp" else 0.0
-  if gen_cfg[main] == 0 and gen_cfg.w_ce == 0 and gen_cfg.w_tv == 0 and disagree == 0:
+  if gen_cfg[main] == 0 and not uses_q(gen_cfg) and gen_cfg.w_ce == 0 and gen_cfg.w_tv == 0:
     fail(main, f"is 0 like w_ce and w_tv: the {gen_cfg.method} loss has no term left")

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from clamp_jax.generate import losses
-from clamp_jax.generate.config import validate
+from clamp_jax.generate.config import uses_q, validate
 from clamp_jax.generate.generator import augment, make_generator, roll_pixels
 from clamp_jax.models.quantized import calibrate
 
@@ -34,12 +34,6 @@ def learning_rates(gen_cfg: ml_collections.ConfigDict, steps: int) -> np.ndarray
   warmup = min(gen_cfg.warmup_steps, steps // 2)
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, 1))
   return np.asarray(schedule(np.arange(steps)), np.float32)
-
-
-def uses_q(gen_cfg: ml_collections.ConfigDict) -> bool:
-  """Whether the loss looks at the quantized model Q (CLAMP's contrastive term, or the
-  disagreement term)."""
-  return gen_cfg.method == "clamp" and (gen_cfg.w_contrast > 0 or gen_cfg.w_disagree > 0)
 
 
 def make_loss(config: ml_collections.ConfigDict, model: nn.Module):
