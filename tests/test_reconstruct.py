@@ -11,7 +11,8 @@ from clamp_jax.quant import adaround
 from clamp_jax.quant.uniform import fake_quant
 from clamp_jax.search import reconstruct, reconstruct_config
 from clamp_jax.quant.params import ACTIVATION, WEIGHT, flatten
-from clamp_jax.search.reconstruct import EMBEDDING_KERNEL, block_weight_sites, validate
+from clamp_jax.search.reconstruct import (EMBEDDING_KERNEL, block_weight_sites, kernel_drift,
+                                         validate)
 from conftest import calibrated_tiny
 
 
@@ -149,14 +150,38 @@ def test_learned_kernel_steps_keep_each_kernel_on_its_new_grid_and_lower_the_err
       model, params, params, qparams, images)
 
 
+def test_kernel_drift_is_one_at_nearest_rounding_and_zero_at_the_float_kernels():
+  w, scale, zp, bits = grid()
+  nearest = fake_quant(w, scale, zp, bits)
+  error = {"k": jnp.sum(jnp.square(nearest - w))}
+  assert float(kernel_drift({"k": nearest}, {"k": w}, error)) == pytest.approx(1.0)
+  assert float(kernel_drift({"k": w}, {"k": w}, error)) == 0.0
+
+
+def test_the_kernel_drift_term_holds_the_rounding_nearer_nearest_rounding(tiny):
+  model, params, images, qparams = tiny
+  cfg = reconstruct_config(steps=150, lr=5e-2, embedding=False)
+  _, _, free = reconstruct(model, params, qparams, images, cfg)
+  _, _, held = reconstruct(model, params, qparams, images,
+                           reconstruct_config(**dict(cfg, w_error=1.0)))
+  assert [h["block"] for h in held] == [0, 1]
+  # Block 0 starts from the same nearest rounding either way; AdaRound alone moves its kernels
+  # further from the float ones than nearest rounding, the drift term holds them nearer.
+  assert held[0]["before"] == pytest.approx(free[0]["before"], rel=1e-5)
+  assert free[0]["drift"] > held[0]["drift"] and free[1]["drift"] > held[1]["drift"]
+  assert free[0]["drift"] > 1.0
+  assert all(h["after"] < h["before"] for h in held)  # and still reconstructs better than it
+
+
 def test_embedding_and_blocks_can_be_left_out(tiny):
   model, params, images, qparams = tiny
   cfg = reconstruct_config(steps=2, blocks=False)
   rounded, _, history = reconstruct(model, params, qparams, images, cfg)
   assert [h["block"] for h in history] == ["embedding"]
-  np.testing.assert_array_equal(rounded["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"],
-                                params["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"])
-  _, _, history = reconstruct(model, params, qparams, images, reconstruct_config(steps=2, embedding=False))
+  dense = "Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel"
+  np.testing.assert_array_equal(flatten_params(rounded)[dense], flatten_params(params)[dense])
+  _, _, history = reconstruct(model, params, qparams, images,
+                              reconstruct_config(steps=2, embedding=False))
   assert [h["block"] for h in history] == [0, 1]
 
 
@@ -169,18 +194,20 @@ def test_the_head_is_rounded_last_on_its_grid_and_brings_the_logits_nearer_the_f
   assert [k for k in before if not np.array_equal(before[k], after[k])] == ["head/kernel"]
   site = flatten(qparams)["head/kernel"]
   np.testing.assert_allclose(site(after["head/kernel"]), after["head/kernel"], atol=1e-5)
-  assert float(jnp.max(jnp.abs(after["head/kernel"] - before["head/kernel"]) / site.scale)) <= 1.0 + 1e-4
+  moved = jnp.abs(after["head/kernel"] - before["head/kernel"]) / site.scale
+  assert float(jnp.max(moved)) <= 1.0 + 1e-4
   assert history[0]["after"] < history[0]["before"]
   assert logits_error(model, params, rounded, qparams, images) < logits_error(
       model, params, params, qparams, images)
-  _, _, history = reconstruct(model, params, qparams, images, reconstruct_config(steps=2, head=True))
+  _, _, history = reconstruct(model, params, qparams, images,
+                              reconstruct_config(steps=2, head=True))
   assert [h["block"] for h in history] == ["embedding", 0, 1, "head"]
 
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("loss", "l1"), ("quantized_input", 1.5),
                                          ("warmup", 1.0), ("lr", 0.0), ("penalty", -1.0),
                                          ("extra_images", -1), ("act_scale_lr", -1e-3),
-                                         ("extra_anchor", "fp")])
+                                         ("extra_anchor", "fp"), ("w_error", -1.0)])
 def test_impossible_reconstruct_settings_are_named(field, value):
   with pytest.raises(ValueError, match=f"config.reconstruct.{field}"):
     validate(reconstruct_config(**{field: value}))

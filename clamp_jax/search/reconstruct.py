@@ -51,6 +51,11 @@ def reconstruct_config(**overrides) -> ml_collections.ConfigDict:
       # the integer grid fixed at the start (Genie-M); 0: the search's steps stay.
       w_scale_lr=0.0,
       penalty=0.01,       # weight of the rounding penalty
+      # Weight of the kernels' drift from their float values: the squared kernel error over
+      # nearest rounding's, per kernel, times the unit's error at nearest rounding (so 1.0 makes
+      # doubling the kernels' error cost as much as the unit's whole starting error). It pulls
+      # the rounding toward the float kernels where the images say little; 0: off (AdaRound).
+      w_error=0.0,
       beta_start=20.0, beta_end=2.0,
       warmup=0.2,         # fraction of the steps without the penalty
       batch_size=0,       # images per step; 0: all calibration images
@@ -87,7 +92,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.extra_anchor not in EXTRA_ANCHORS:
     raise ValueError(f"config.reconstruct.extra_anchor={cfg.extra_anchor!r}; known: "
                      f"{EXTRA_ANCHORS}")
-  for field in ("penalty", "batch_size", "extra_images", "act_scale_lr", "w_scale_lr"):
+  for field in ("penalty", "batch_size", "extra_images", "act_scale_lr", "w_scale_lr",
+                "w_error"):
     if cfg[field] < 0:
       raise ValueError(f"config.reconstruct.{field}={cfg[field]} must be 0 or positive")
   if not 0.0 <= cfg.quantized_input <= 1.0:
@@ -160,6 +166,7 @@ class Schedule:
   act_scale_lr: float
   w_scale_lr: float
   penalty: float
+  w_error: float
   beta_start: float
   beta_end: float
   warmup: float
@@ -241,13 +248,21 @@ def _error(unit, frozen, kernels, x, y, w):
   return jnp.mean(w * jnp.square(unit(frozen, kernels, x) - y))
 
 
+def kernel_drift(rounded: dict, kernels: dict, nearest_error: dict) -> jax.Array:
+  """Mean over kernels of `sum((rounded - kernel)^2)` over nearest rounding's (`nearest_error`):
+  1 at nearest rounding, 0 at the float kernels."""
+  return sum(jnp.sum(jnp.square(rounded[path] - kernel)) / nearest_error[path]
+             for path, kernel in kernels.items()) / len(kernels)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _step(unit, schedule: Schedule, learned, opt_state, i, frozen, kernels, sites, x, x_fp, y, w,
-          key):
+          key, drift_scale):
   """One Adam step on `learned` (`{"logits": rounding logits, "log_scales": activation steps,
   "w_log_scales": kernel steps}`),
   each input element drawn from `x` with probability `schedule.quantized_input`, else from
-  `x_fp`."""
+  `x_fp`. `drift_scale`: `(the unit's error per image at nearest rounding, {path: nearest
+  rounding's squared kernel error})`, the scale of the `w_error` term."""
   def loss(learned, x):
     rounded = _rounded(kernels, learned["logits"], sites, False, learned["w_log_scales"])
     quant = _rescaled(frozen[1], learned["log_scales"])
@@ -255,6 +270,9 @@ def _step(unit, schedule: Schedule, learned, opt_state, i, frozen, kernels, site
     penalty = sum(adaround.rounding_penalty(v, schedule.beta(i))
                   for v in learned["logits"].values())
     use_penalty = (i >= schedule.warmup * schedule.steps).astype(jnp.float32)
+    if schedule.w_error:
+      rec_nearest, nearest_error = drift_scale
+      rec = rec + schedule.w_error * rec_nearest * kernel_drift(rounded, kernels, nearest_error)
     return rec + use_penalty * schedule.penalty * penalty
 
   x = jnp.where(jax.random.bernoulli(key, schedule.quantized_input, x.shape), x, x_fp)
@@ -266,13 +284,14 @@ def _step(unit, schedule: Schedule, learned, opt_state, i, frozen, kernels, site
 def learn_rounding(unit, frozen, sites: dict, x: jax.Array, x_fp: jax.Array, target: jax.Array,
                    weights: jax.Array, cfg: ml_collections.ConfigDict, key: jax.Array,
                    act_paths=()):
-  """`({kernel path: rounded kernel}, {path: SiteQuant}, {"before", "after"})`: the kernels of
-  `sites` (paths in `frozen`'s params) rounded so that the unit's output from `x` matches
-  `target`; the sites whose steps were learned, with those steps — the activation sites
+  """`({kernel path: rounded kernel}, {path: SiteQuant}, {"before", "after", "drift"})`: the
+  kernels of `sites` (paths in `frozen`'s params) rounded so that the unit's output from `x`
+  matches `target`; the sites whose steps were learned, with those steps — the activation sites
   `act_paths` (paths in `frozen`'s QuantParams; when `cfg.act_scale_lr` > 0) and the kernels'
-  (paths in its params; when `cfg.w_scale_lr` > 0); and the weighted mean squared error (hard
-  rounding, from `x`) before (nearest rounding, the search's steps) and after. Each step's input
-  takes each element from `x` with probability `cfg.quantized_input`, else from `x_fp`."""
+  (paths in its params; when `cfg.w_scale_lr` > 0); the weighted mean squared error (hard
+  rounding, from `x`) before (nearest rounding, the search's steps) and after; and the result's
+  `kernel_drift` (1: nearest rounding's kernel error). Each step's input takes each element from
+  `x` with probability `cfg.quantized_input`, else from `x_fp`."""
   flat_params = _flat(frozen[0])
   kernels = {path: flat_params[path] for path in sites}
   schedule = Schedule.of(cfg)
@@ -286,6 +305,9 @@ def learn_rounding(unit, frozen, sites: dict, x: jax.Array, x_fp: jax.Array, tar
                     for path in (kernels if cfg.w_scale_lr > 0 else ())})
   nearest = {path: sites[path](view(path)).reshape(kernels[path].shape) for path in kernels}
   before = float(_error(unit, frozen, nearest, x, target, weights))
+  drift_scale = (jnp.float32(before * np.prod(target.shape[1:])),  # per image, as `_step`'s
+                 {path: jnp.maximum(jnp.sum(jnp.square(nearest[path] - kernels[path])), 1e-30)
+                  for path in kernels})
   opt_state = schedule.optimizer().init(learned)
   n = x.shape[0]
   batch = cfg.batch_size or n
@@ -295,17 +317,18 @@ def learn_rounding(unit, frozen, sites: dict, x: jax.Array, x_fp: jax.Array, tar
            if batch < n else slice(None))
     learned, opt_state = _step(unit, schedule, learned, opt_state, jnp.asarray(i, jnp.float32),
                                frozen, kernels, sites, x[idx], x_fp[idx], target[idx],
-                               weights[idx], jax.random.fold_in(drop_key, i))
+                               weights[idx], jax.random.fold_in(drop_key, i), drift_scale)
   rounded = jax.tree_util.tree_map(np.asarray, _rounded(kernels, learned["logits"], sites, True,
                                                         learned["w_log_scales"]))
   quant = _rescaled(frozen[1], learned["log_scales"])
   after = float(_error(unit, (frozen[0], quant), rounded, x, target, weights))
+  drift = float(kernel_drift(rounded, kernels, drift_scale[1]))
   learned_sites = {path: site for path, site in flatten(quant).items()
                    if path in learned["log_scales"]}
   learned_sites.update({path: _step_times_exp(sites[path], log_scale)
                         for path, log_scale in learned["w_log_scales"].items()})
   learned_sites = jax.tree_util.tree_map(np.asarray, learned_sites)
-  return rounded, learned_sites, dict(before=before, after=after)
+  return rounded, learned_sites, dict(before=before, after=after, drift=drift)
 
 
 def _without(qparams: dict, sites: dict) -> dict:
