@@ -246,7 +246,8 @@ def test_finished_run_writes_results_and_report(tmp_path, reference, checkpoint,
   assert [(h["pass_"], h["block"]) for h in results["search_history"]] == \
       [(p, b) for p in range(3) for b in (1, 0)]
   assert [h["block"] for h in results["reconstruct"]] == ["embedding", 0, 1]  # first to last
-  assert all(h["before"] > 0 and h["after"] > 0 for h in results["reconstruct"])
+  assert all(h["before"] > 0 and h["after"] > 0 and h["drift"] > 0
+             for h in results["reconstruct"])
   assert 0 <= results["before_reconstruct_top1"] <= 100
   assert (results["calib_images"], results["reconstruct_images"]) == (8, 12)  # 4 extra (tiny)
   # The saved QuantParams hold the reconstruction's activation steps, not the search's.
