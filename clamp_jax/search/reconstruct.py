@@ -270,10 +270,10 @@ def _step(unit, schedule: Schedule, learned, opt_state, i, frozen, kernels, site
     penalty = sum(adaround.rounding_penalty(v, schedule.beta(i))
                   for v in learned["logits"].values())
     use_penalty = (i >= schedule.warmup * schedule.steps).astype(jnp.float32)
-    if schedule.w_error:
-      rec_nearest, nearest_error = drift_scale
-      rec = rec + schedule.w_error * rec_nearest * kernel_drift(rounded, kernels, nearest_error)
-    return rec + use_penalty * schedule.penalty * penalty
+    rec_nearest, nearest_error = drift_scale
+    drift = (schedule.w_error * rec_nearest * kernel_drift(rounded, kernels, nearest_error)
+             if schedule.w_error else 0.0)
+    return rec + drift + use_penalty * schedule.penalty * penalty
 
   x = jnp.where(jax.random.bernoulli(key, schedule.quantized_input, x.shape), x, x_fp)
   updates, opt_state = schedule.optimizer().update(jax.grad(loss)(learned, x), opt_state,
